@@ -1,0 +1,48 @@
+"""l3rs: learned layer-wise optimizers (L3RS) for fine-tuning pretrained models, meta-trained with NES on Ray.
+
+The public API lives here; everything else may change.
+
+    import l3rs
+    config = l3rs.L3RSConfig()
+    psi = l3rs.init_psi(config, params, jax.random.key(0))
+    tx = l3rs.l3rs(psi, config, total_steps=500)       # or: tx = l3rs.load("runs/NAME/psi", total_steps=500)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, value=loss)
+"""
+
+from l3rs.artifact import load, load_psi
+from l3rs.optim import (
+    BUILTIN_DIRECTIONS,
+    VARIANTS,
+    Direction,
+    L3RSConfig,
+    L3RSState,
+    Psi,
+    init_psi,
+    l3rs,
+    layer_paths,
+    layer_stats,
+    psi_size,
+    psi_to_vector,
+    vector_to_psi,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_DIRECTIONS",
+    "VARIANTS",
+    "Direction",
+    "L3RSConfig",
+    "L3RSState",
+    "Psi",
+    "init_psi",
+    "l3rs",
+    "layer_paths",
+    "layer_stats",
+    "load",
+    "load_psi",
+    "psi_size",
+    "psi_to_vector",
+    "vector_to_psi",
+]

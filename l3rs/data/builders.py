@@ -1,0 +1,134 @@
+"""tfds builders for the offline datasets: Fashion-MNIST from Debian's package and scikit-learn's digits.
+
+Both write ``array_record`` files and store images as ``tfds.features.Tensor(uint8)``, so they build and read back
+without TensorFlow (``tfds.features.Image`` would need it to encode). Importing this module registers them with tfds
+as ``fashion_mnist_debian`` and ``sklearn_digits``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+__all__ = ["FashionMnistDebian", "SklearnDigits", "FASHION_MNIST_DIR_ENV", "read_idx"]
+
+FASHION_MNIST_DIR_ENV = "L3RS_FASHION_MNIST_DIR"
+"""Environment variable naming the folder of the four Fashion-MNIST IDX files (default: Debian's install path)."""
+
+_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads a (gzipped) IDX file: the format of MNIST and Fashion-MNIST (big-endian dims, then the raw data)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file.")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(np.int64)
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated ({data.size} bytes of data for dims {dims.tolist()}).")
+    return data.reshape(tuple(dims))
+
+
+class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
+    """Fashion-MNIST (Xiao et al. 2017) built from local IDX files, e.g. Debian's ``dataset-fashion-mnist``.
+
+    Same images and labels as tfds's ``fashion_mnist``, whose checksums reject Debian's re-gzipped files. Splits:
+    ``train`` (the first 50,000 training images), ``validation`` (the last 10,000) and ``test`` (10,000).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Fashion-MNIST from local IDX files; train/validation split of the official train set."
+    }
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Fashion-MNIST from local IDX files (Debian's dataset-fashion-mnist).",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+        )
+
+    def _split_generators(self, dl_manager):  # noqa: ANN001 - tfds's signature
+        del dl_manager  # nothing to download
+        folder = Path(os.environ.get(FASHION_MNIST_DIR_ENV, _DEBIAN_DIR))
+
+        def find(stem: str) -> Path:
+            for name in (f"{stem}.gz", stem):
+                if (folder / name).exists():
+                    return folder / name
+            raise FileNotFoundError(
+                f"fashion_mnist_debian: {folder / stem}(.gz) not found. Install Debian's dataset-fashion-mnist "
+                f"(scripts/install_data.sh), point {FASHION_MNIST_DIR_ENV} at the IDX files, or use the official "
+                f"tfds dataset 'fashion_mnist' on a machine with internet."
+            )
+
+        train_x, train_y = (
+            read_idx(find("train-images-idx3-ubyte")),
+            read_idx(find("train-labels-idx1-ubyte")),
+        )
+        test_x, test_y = read_idx(find("t10k-images-idx3-ubyte")), read_idx(find("t10k-labels-idx1-ubyte"))
+        return {
+            "train": self._generate_examples(train_x[:50000], train_y[:50000], 0),
+            "validation": self._generate_examples(train_x[50000:], train_y[50000:], 50000),
+            "test": self._generate_examples(test_x, test_y, 0),
+        }
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, offset: int):  # noqa: ANN202
+        for i, (x, y) in enumerate(zip(images, labels, strict=True)):
+            yield offset + i, {"image": x[..., None], "label": int(y)}
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+    """The UCI optical-digits images that scikit-learn ships (1,797 images of 8x8, 10 classes), upscaled to 16x16.
+
+    Pixel values 0..16 are scaled to 0..255. Splits, fixed by index: ``test`` = every 5th image, ``validation`` = the
+    one after it, ``train`` = the rest (1,078 / 359 / 360 images).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "scikit-learn's load_digits, 16x16 uint8, index-based splits."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="scikit-learn's optical-digits images (8x8, upscaled to 16x16 by pixel repetition).",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(16, 16, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
+        )
+
+    def _split_generators(self, dl_manager):  # noqa: ANN001 - tfds's signature
+        del dl_manager
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        images = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]
+        labels = digits.target.astype(np.int64)
+        index = np.arange(len(labels))
+        parts = {"test": index % 5 == 0, "validation": index % 5 == 1, "train": index % 5 >= 2}
+        return {name: self._generate_examples(images, labels, index[mask]) for name, mask in parts.items()}
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, index: np.ndarray):  # noqa: ANN202
+        for i in index:
+            yield int(i), {"image": images[i], "label": int(labels[i])}

@@ -1,0 +1,124 @@
+"""What one meta-training worker does, without Ray: hold θ0, the task images and one compiled inner loop, and turn
+(candidate ψ vectors, task seed) into eval losses. The Ray actor in ``l3rs.service`` is a thin wrapper around
+:class:`TaskRunner`, so the same code runs locally, in tests and on a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from l3rs.config import Config
+from l3rs.meta.inner import InnerLoop, l3rs_optimizer_fn
+from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
+
+__all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_psi", "model_for"]
+
+
+def task_distribution(
+    cfg: Config, stage: str = "meta_train", *, k_min: int | None = None, k_max: int | None = None
+):
+    return TaskDistribution(
+        dataset=cfg.data.dataset,
+        stage=stage,
+        num_classes=cfg.task.num_classes,
+        batch_size=cfg.task.batch_size,
+        eval_batch_size=cfg.task.eval_batch_size,
+        k_min=cfg.task.k_min if k_min is None else k_min,
+        k_max=cfg.task.k_max if k_max is None else k_max,
+        data_dir=cfg.data.data_dir,
+    )
+
+
+def model_for(cfg: Config):
+    from l3rs.models import create
+
+    return create(cfg.model.name, num_classes=cfg.task.num_classes)
+
+
+def load_theta0(cfg: Config, checkpoint: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """θ0 and its metadata: a pretrained checkpoint, or a seeded random init for ``checkpoint = "random"``."""
+    from l3rs.data import get_spec
+    from l3rs.meta.pretrain import load_variables, random_variables
+
+    checkpoint = checkpoint or cfg.model.checkpoint
+    if checkpoint == "random":
+        spec = get_spec(cfg.data.dataset)
+        variables = random_variables(cfg.model.name, spec.image_shape, cfg.task.num_classes, cfg.run.seed)
+        return jax.tree.map(np.asarray, variables), {"model": cfg.model.name, "random_init": True}
+    variables, meta = load_variables(checkpoint)
+    if meta.get("model") != cfg.model.name:
+        raise ValueError(
+            f"model.checkpoint: {checkpoint!r} holds a {meta.get('model')!r} model, the config asks for "
+            f"{cfg.model.name!r}."
+        )
+    return variables, meta
+
+
+def initial_psi(cfg: Config):
+    """ψ₀ for this run's model (only the layer paths of the model matter; no model compute is done)."""
+    from l3rs.data import get_spec
+    from l3rs.models import init_variables
+    from l3rs.optim import init_psi
+
+    spec = get_spec(cfg.data.dataset)
+    module = model_for(cfg)
+    shapes = jax.eval_shape(lambda k: init_variables(module, k, spec.image_shape), jax.random.key(0))
+    return init_psi(cfg.optimizer, shapes["params"], jax.random.key(cfg.run.seed))
+
+
+class TaskRunner:
+    """Evaluates candidate ψ vectors on meta-training tasks.
+
+    Args:
+      cfg: the validated run config.
+      stage: which task distribution ("meta_train" during meta-training).
+      vmap_candidates: evaluate the candidates of one call together with ``vmap`` (else one after another; on CPU
+        one after another was as fast, environment.md).
+    """
+
+    def __init__(self, cfg: Config, stage: str = "meta_train", *, vmap_candidates: bool = False) -> None:
+        start = time.perf_counter()
+        self.cfg = cfg
+        self.dist = task_distribution(cfg, stage)
+        self.pool = load_task_pool(self.dist)
+        variables0, self.theta0_meta = load_theta0(cfg)
+        self.psi_template = initial_psi(cfg)
+        self.vmap_candidates = vmap_candidates
+        self.loop = InnerLoop(
+            model_for(cfg),
+            variables0,
+            self.pool,
+            l3rs_optimizer_fn(cfg.optimizer, self.psi_template),
+            num_classes=cfg.task.num_classes,
+            train_scope=cfg.task.train_scope,
+            vmap_candidates=vmap_candidates,
+        )
+        self.setup_seconds = time.perf_counter() - start
+
+    def evaluate(self, candidates: np.ndarray, task_seed: int) -> dict[str, Any]:
+        """Runs every candidate (rows of ``candidates``) on the task with ``task_seed``.
+
+        Returns ``loss`` and ``accuracy`` arrays (one entry per candidate; a diverged candidate gives a non-finite
+        loss, which NES ranks worst), the task's ``num_steps`` and the wall time.
+        """
+        start = time.perf_counter()
+        candidates = np.asarray(candidates, np.float32)
+        task = sample_task(task_seed, self.dist, self.pool)
+        if self.vmap_candidates:
+            out = self.loop(candidates, task)
+            losses, accs = out["loss"], out["accuracy"]
+        else:
+            outs = [self.loop.run_arrays(c, task) for c in candidates]  # dispatch all, then wait
+            outs = jax.device_get(outs)
+            losses = np.asarray([o["loss"] for o in outs])
+            accs = np.asarray([o["accuracy"] for o in outs])
+        return {
+            "loss": np.asarray(losses, np.float64),
+            "accuracy": np.asarray(accs, np.float64),
+            "num_steps": task.num_steps,
+            "seconds": time.perf_counter() - start,
+        }

@@ -1,0 +1,35 @@
+"""The optimizer users import: L3RS as an optax transformation, its base directions, and baselines.
+
+Depends on jax/optax/flax only; knows nothing of tasks, data or Ray.
+"""
+
+from l3rs.optim.config import VARIANTS, L3RSConfig
+from l3rs.optim.directions import BUILTIN_DIRECTIONS, Direction, resolve_direction
+from l3rs.optim.l3rs import (
+    L3RSState,
+    Psi,
+    init_psi,
+    l3rs,
+    layer_paths,
+    layer_stats,
+    psi_size,
+    psi_to_vector,
+    vector_to_psi,
+)
+
+__all__ = [
+    "BUILTIN_DIRECTIONS",
+    "VARIANTS",
+    "Direction",
+    "L3RSConfig",
+    "L3RSState",
+    "Psi",
+    "init_psi",
+    "l3rs",
+    "layer_paths",
+    "layer_stats",
+    "psi_size",
+    "psi_to_vector",
+    "resolve_direction",
+    "vector_to_psi",
+]

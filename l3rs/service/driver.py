@@ -1,0 +1,309 @@
+"""The meta-training driver (the Ray job entrypoint, ``l3rs train``).
+
+It holds the NES state in numpy and, every generation:
+
+1. asks NES for antithetic candidates (noise is a pure function of (seed, generation));
+2. makes work units ``(generation, pair, task)``: both members of an antithetic pair on the same task (common random
+   numbers), every pair on every task of the meta-batch; cost hint = the task's K, so units go longest first;
+3. runs them on the elastic worker pool; the generation completes only when every unit has a result, keyed by
+   unit, so which worker ran a unit, or how often it was retried, cannot change the outcome;
+4. fitness of a candidate = −mean eval loss over the meta-batch (paper §2; NaN ranks worst), NES step;
+5. writes history, metrics, plots, and every ``checkpoint_every`` generations an atomic checkpoint and the ψ artifact.
+
+A run is ``<storage>/<run name>/``; starting ``l3rs train`` again with the same name resumes from its last good
+checkpoint, and ends with a ψ bit-identical to an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from l3rs import storage
+from l3rs.checkpoint import load_latest_checkpoint, save_checkpoint
+from l3rs.config import Config, ConfigError
+from l3rs.meta import nes
+from l3rs.meta.runner import initial_psi, task_distribution
+from l3rs.meta.tasks import task_header, task_seed
+
+__all__ = ["Driver", "TrainResult", "resolve_paths", "run_dir_for"]
+
+log = logging.getLogger("l3rs.driver")
+
+# Sections whose change alters the math of a run: resuming with a different value is refused.
+_RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    psi_uri: str
+    generations: int
+    history: list[dict[str, Any]]
+    psi_sha256: str
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Makes local relative paths absolute, so workers (other processes, other cwd) see the same files."""
+    import os
+
+    def absolute(uri: str) -> str:
+        if uri == "random" or not _is_local(uri) or uri.startswith("file://"):
+            return uri
+        return os.path.abspath(os.path.expanduser(uri))
+
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, storage=absolute(cfg.run.storage)),
+        model=dataclasses.replace(cfg.model, checkpoint=absolute(cfg.model.checkpoint)),
+        pretrain=dataclasses.replace(cfg.pretrain, output=absolute(cfg.pretrain.output)),
+    )
+
+
+def run_dir_for(cfg: Config) -> str:
+    return storage.join(cfg.run.storage, cfg.run.name)
+
+
+class Driver:
+    """Runs (or resumes) one meta-training run on the connected Ray cluster.
+
+    Args:
+      cfg: the validated config.
+      progress: show a progress bar when attached to a terminal (one log line per generation always).
+    """
+
+    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+        self.cfg = resolve_paths(cfg)
+        self.run_dir = run_dir_for(self.cfg)
+        self.progress = progress
+        self.nes_cfg = self.cfg.nes.nes_config()
+        self.dist = task_distribution(self.cfg)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        """Refuses bad storage or an incompatible resume before any work starts; records the config."""
+        try:
+            storage.check_writable(self.cfg.run.storage)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"run.storage: {self.cfg.run.storage!r} is not writable: {e}") from None
+        if self.cfg.model.checkpoint != "random":
+            from l3rs.meta.pretrain import META_FILE
+
+            if not storage.exists(storage.join(self.cfg.model.checkpoint, META_FILE)):
+                raise ConfigError(
+                    f"model.checkpoint: no pretrained checkpoint at {self.cfg.model.checkpoint!r}; "
+                    'run `l3rs pretrain --config ...` first or set checkpoint = "random".'
+                )
+        config_uri = storage.join(self.run_dir, "config.json")
+        current = self.cfg.to_dict()
+        if storage.exists(config_uri):
+            saved = json.loads(storage.read_bytes(config_uri))
+            for section in _RESUME_SECTIONS + ("run",):
+                for key, value in current[section].items():
+                    if section == "run" and key in ("checkpoint_every", "storage"):
+                        continue
+                    if saved.get(section, {}).get(key) != value:
+                        raise ConfigError(
+                            f"{section}.{key}: run {self.cfg.run.name!r} already exists in {self.run_dir} with "
+                            f"{section}.{key} = {saved.get(section, {}).get(key)!r}; resuming with {value!r} would "
+                            "mix two experiments. Use a new run.name."
+                        )
+        storage.makedirs(self.run_dir)
+        storage.write_bytes_atomic(config_uri, json.dumps(current, indent=2).encode())
+
+    def _load_or_init(self, mean0: np.ndarray) -> tuple[nes.NESState, list[dict[str, Any]]]:
+        found = load_latest_checkpoint(self.run_dir)
+        if found is None:
+            return nes.init(self.nes_cfg, mean0), []
+        generation, payload = found
+        state = nes.state_from_dict(payload["nes"])
+        history = json.loads(payload.get("history", "[]"))
+        history = [h for h in history if h["generation"] < state.generation]
+        log.info("resuming %s from checkpoint at generation %d", self.run_dir, state.generation)
+        return state, history
+
+    def _save_checkpoint(self, state: nes.NESState, history: list[dict[str, Any]]) -> None:
+        save_checkpoint(
+            self.run_dir,
+            state.generation,
+            {"nes": nes.state_to_dict(state), "history": json.dumps(history)},
+        )
+
+    def _write_outputs(self, state: nes.NESState, history: list[dict[str, Any]], template) -> dict[str, Any]:
+        from l3rs.artifact import save_artifact
+        from l3rs.optim import vector_to_psi
+        from l3rs.plots import plot_meta_training
+
+        body = "".join(json.dumps(h) + "\n" for h in history)
+        storage.write_bytes_atomic(storage.join(self.run_dir, "history.jsonl"), body.encode())
+        if history:
+            plot_meta_training(
+                history, storage.join(self.run_dir, "plots", "meta_training.png"), self.cfg.run.name
+            )
+        psi = vector_to_psi(state.mean, template)
+        last = history[-1] if history else {}
+        return save_artifact(
+            storage.join(self.run_dir, "psi"),
+            psi,
+            self.cfg.optimizer,
+            {
+                "run_name": self.cfg.run.name,
+                "model": self.cfg.model.name,
+                "model_checkpoint": self.cfg.model.checkpoint,
+                "dataset": self.cfg.data.dataset,
+                "num_classes": self.cfg.task.num_classes,
+                "k_range": [self.cfg.task.k_min, self.cfg.task.k_max],
+                "train_scope": self.cfg.task.train_scope,
+                "generations": int(state.generation),
+                "fitness_mean": last.get("fitness_mean"),
+                "accuracy_mean": last.get("accuracy_mean"),
+                "nes": dataclasses.asdict(self.cfg.nes),
+                "seed": self.cfg.run.seed,
+            },
+        )
+
+    def _units(self, generation: int, candidates: np.ndarray) -> list[Any]:
+        from l3rs.service.pool import WorkUnit
+
+        b = self.cfg.nes.meta_batch_size
+        seeds = [task_seed(self.cfg.run.seed, generation, j) for j in range(b)]
+        costs = [task_header(s, self.dist)[1] for s in seeds]
+        units = []
+        for i in range(candidates.shape[0] // 2):
+            for j in range(b):
+                payload = {"candidates": candidates[2 * i : 2 * i + 2], "task_seed": seeds[j]}
+                units.append(WorkUnit(key=(generation, i, j), payload=payload, cost=float(costs[j])))
+        return units
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self, *, stop_after: int | None = None, pool: Any = None) -> TrainResult:
+        """Runs until ``nes.generations`` (or ``stop_after`` more generations: for tests of driver restarts).
+
+        ``pool``: an existing :class:`ElasticPool` to use (tests share one); by default one is made and shut down.
+        """
+        from l3rs.optim import psi_to_vector
+        from l3rs.service.metrics import RunMetrics
+        from l3rs.service.pool import ElasticPool
+        from l3rs.service.worker import MetaWorker, worker_env
+
+        self._prepare_run_dir()
+        template = initial_psi(self.cfg)
+        state, history = self._load_or_init(np.asarray(psi_to_vector(template)))
+        total = self.cfg.nes.generations
+        end = total if stop_after is None else min(total, state.generation + stop_after)
+        metrics = RunMetrics(self.cfg.run.name)
+        w = self.cfg.workers
+        own_pool = pool is None
+        if own_pool:
+            pool = ElasticPool(
+                MetaWorker,
+                args=(self.cfg.to_dict(),),
+                resources=dict(w.resources),
+                min_workers=w.min_workers,
+                max_workers=w.max_workers,
+                unit_timeout_s=w.unit_timeout_s,
+                max_unit_retries=w.max_unit_retries,
+                env_vars=worker_env(dict(w.resources)),
+            )
+        bar = None
+        if self.progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=total, initial=state.generation, desc=f"meta-train {self.cfg.run.name}", unit="gen"
+            )
+        try:
+            while state.generation < end:
+                gen = state.generation
+                start = time.perf_counter()
+                eps, candidates = nes.ask(self.nes_cfg, state, self.cfg.run.seed)
+                units = self._units(gen, candidates)
+                results = pool.run(units, method="run")
+                pop, b = candidates.shape[0], self.cfg.nes.meta_batch_size
+                losses = np.full((pop, b), np.nan)
+                accs = np.full((pop, b), np.nan)
+                for (g, i, j), r in results.items():
+                    assert g == gen
+                    losses[2 * i : 2 * i + 2, j] = r["loss"]
+                    accs[2 * i : 2 * i + 2, j] = r["accuracy"]
+                # Fitness = −mean eval loss over the meta-batch (paper §2). NaN/inf ⇒ ranked worst by NES.
+                with np.errstate(invalid="ignore"):
+                    fitness = -losses.mean(axis=1)
+                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+                state, info = nes.tell(self.nes_cfg, state, eps, fitness)
+                seconds = time.perf_counter() - start
+                stats = pool.stats()
+                row = {
+                    "generation": gen,
+                    "fitness_mean": float(np.nanmean(fitness)) if np.isfinite(fitness).any() else None,
+                    "fitness_best": float(np.nanmax(fitness)) if np.isfinite(fitness).any() else None,
+                    "accuracy_mean": float(np.nanmean(accs)),
+                    "nonfinite_candidates": int((~np.isfinite(fitness)).sum()),
+                    "sigma": float(info["sigma"]),
+                    "meta_lr": float(info["learning_rate"]),
+                    "grad_norm": float(info["grad_norm"]),
+                    "mean_k": float(np.mean([u.cost for u in units])),
+                    "seconds": round(seconds, 3),
+                    "units": len(units),
+                    "units_per_s": len(units) / seconds,
+                    "live_workers": stats["live_workers"],
+                    "retries": stats["retries"],
+                    "worker_failures": stats["failures"],
+                }
+                history.append(row)
+                metrics.set(
+                    generation=gen,
+                    fitness_mean=row["fitness_mean"] if row["fitness_mean"] is not None else float("nan"),
+                    fitness_best=row["fitness_best"] if row["fitness_best"] is not None else float("nan"),
+                    eval_accuracy=row["accuracy_mean"],
+                    sigma=row["sigma"],
+                    meta_lr=row["meta_lr"],
+                    live_workers=row["live_workers"],
+                    units_per_s=row["units_per_s"],
+                )
+                metrics.count("unit_retries", stats["retries"])
+                metrics.count("worker_failures", stats["failures"])
+                metrics.count("units_done", stats["units_done"])
+                line = (
+                    f"[{self.cfg.run.name}] gen {gen + 1}/{total} fitness {row['fitness_mean']:.4f} "
+                    f"(best {row['fitness_best']:.4f}) acc {100 * row['accuracy_mean']:.1f}% σ {row['sigma']:.4g} "
+                    f"lr {row['meta_lr']:.4g} | {seconds:.1f}s, {row['units_per_s']:.2f} units/s, "
+                    f"{row['live_workers']} workers, {row['retries']} retries"
+                    if row["fitness_mean"] is not None
+                    else f"[{self.cfg.run.name}] gen {gen + 1}/{total}: every candidate diverged"
+                )
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        fitness=f"{row['fitness_mean']:.4f}", acc=f"{100 * row['accuracy_mean']:.1f}%"
+                    )
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
+                done = state.generation == total
+                if state.generation % self.cfg.run.checkpoint_every == 0 or done or state.generation == end:
+                    self._save_checkpoint(state, history)
+                    self._write_outputs(state, history, template)
+        finally:
+            if bar is not None:
+                bar.close()
+            if own_pool:
+                pool.shutdown()
+        meta = self._write_outputs(state, history, template)
+        return TrainResult(
+            run_dir=self.run_dir,
+            psi_uri=storage.join(self.run_dir, "psi"),
+            generations=int(state.generation),
+            history=history,
+            psi_sha256=meta["sha256"],
+        )
