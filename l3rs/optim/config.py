@@ -94,7 +94,10 @@ class L3RSConfig:
             _check_number("init_mixing", v)
         if not self.directions:
             raise ValueError("optimizer.directions: at least one base direction is required.")
-        names = [resolve_direction(d).name for d in self.directions]
+        try:
+            names = [resolve_direction(d).name for d in self.directions]
+        except ValueError as e:
+            raise ValueError(f"optimizer.{e}") from None
         if len(set(names)) != len(names):
             raise ValueError(f"optimizer.directions: duplicate names in {names}.")
         if self.variant not in VARIANTS:

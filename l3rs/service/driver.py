@@ -38,6 +38,8 @@ log = logging.getLogger("l3rs.driver")
 
 # Sections whose change alters the math of a run: resuming with a different value is refused.
 _RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes")
+# ... except these: where the run folder lives, how often it checkpoints, and how long it runs (extending a run).
+_RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +107,12 @@ class Driver:
                     'run `l3rs pretrain --config ...` first or set checkpoint = "random".'
                 )
         config_uri = storage.join(self.run_dir, "config.json")
-        current = self.cfg.to_dict()
+        current = json.loads(json.dumps(self.cfg.to_dict()))  # as saved: tuples become lists
         if storage.exists(config_uri):
             saved = json.loads(storage.read_bytes(config_uri))
             for section in _RESUME_SECTIONS + ("run",):
                 for key, value in current[section].items():
-                    if section == "run" and key in ("checkpoint_every", "storage"):
+                    if (section, key) in _RESUME_MAY_CHANGE:
                         continue
                     if saved.get(section, {}).get(key) != value:
                         raise ConfigError(

@@ -1,0 +1,96 @@
+"""Run configs: every bad field is refused before any work starts, with the field named, and nothing is written."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from l3rs.config import Config, ConfigError, config_from_dict, load_config
+from l3rs.service.driver import Driver
+
+
+def test_embedded_default_is_valid_and_round_trips():
+    cfg = Config().validate()
+    assert cfg.data.dataset == "fashion_mnist_debian"
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"nes": {"population_size": 7}}, "nes.population_size"),
+        ({"task": {"k_min": 50, "k_max": 10}}, "task.k_min"),
+        ({"data": {"dataset": "imagenet_typo"}}, "data.dataset"),
+        ({"task": {"num_classes": 6}}, "task.num_classes"),  # fashion-mnist has 5 task classes
+        ({"optimizer": {"directions": ["adam", "adagrad_typo"]}}, "optimizer.directions"),
+        ({"optimizer": {"init_lr": "3e-3"}}, "optimizer.init_lr"),
+        ({"nes": {"sigma": -0.1}}, "nes.sigma"),
+        ({"nes": {"sigmaa": 0.1}}, "nes.sigmaa"),
+        ({"workers": {"min_workers": 3, "max_workers": 2}}, "workers.min_workers"),
+        ({"workers": {"resources": {"GPU": 0}}}, "workers.resources"),
+        ({"evaluate": {"k_grid": [10, 50]}}, "evaluate.k_grid"),
+        ({"model": {"name": "vgg"}}, "model.name"),
+        ({"tasks": {}}, "[tasks]"),
+        ({"run": {"name": "a/b"}}, "run.name"),
+    ],
+)
+def test_bad_fields_are_named(raw, field):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_load_config_reads_toml_and_names_bad_fields(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[run]\nname = "x"\n[nes]\npopulation_size = 8\n')
+    assert load_config(good).nes.population_size == 8
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[task]\nk_min = 20\nk_max = 5\n")
+    with pytest.raises(ConfigError, match=r"^task\.k_min"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_storage_is_refused_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    cfg = Config().replace(run={"storage": str(locked / "runs")}, model={"checkpoint": "random"})
+    with pytest.raises(ConfigError, match=r"^run\.storage"):
+        Driver(cfg).run()
+    assert list(locked.iterdir()) == []
+
+
+def test_storage_that_is_a_file_is_refused_and_nothing_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = Config().replace(run={"storage": str(blocker)}, model={"checkpoint": "random"})
+    with pytest.raises(ConfigError, match=r"^run\.storage"):
+        Driver(cfg).run()
+    assert blocker.read_text() == "not a folder" and sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_missing_checkpoint_is_refused_with_the_field_named(tmp_path):
+    cfg = Config().replace(run={"storage": str(tmp_path / "runs")}, model={"checkpoint": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match=r"^model\.checkpoint"):
+        Driver(cfg).run()
+    assert not (tmp_path / "runs" / cfg.run.name).exists()
+
+
+def test_resume_with_changed_math_is_refused(tmp_path):
+    base = Config().replace(run={"storage": str(tmp_path)}, model={"checkpoint": "random"})
+    run_dir = tmp_path / base.run.name
+    run_dir.mkdir()
+    import json
+
+    (run_dir / "config.json").write_text(json.dumps(base.to_dict()))
+    changed = base.replace(nes={"sigma": 0.05})
+    with pytest.raises(ConfigError, match=r"^nes\.sigma: run .* already exists"):
+        Driver(changed).run()
+    # Extending a run (more generations) or moving its checkpoint cadence is allowed: no error before Ray is needed.
+    Driver(base.replace(nes={"generations": 80}))._prepare_run_dir()
