@@ -66,6 +66,9 @@ def main() -> None:
         return (time.perf_counter() - start) / args.k
 
     adam_loop = InnerLoop(module, variables, pool, adam_optimizer_fn("constant"), num_classes=5)
+    # The formulation we replaced: flax's nn.Conv (lax.conv) inside the loop; same parameters, same results.
+    lax_loop = InnerLoop(create(args.model, num_classes=5, conv="lax"), variables, pool, adam_optimizer_fn("constant"),
+                         num_classes=5)  # fmt: skip
     cfg = L3RSConfig()
     psi = init_psi(cfg, variables["params"], jax.random.key(0))
     l3rs_loop = InnerLoop(module, variables, pool, l3rs_optimizer_fn(cfg, psi), num_classes=5)
@@ -79,16 +82,18 @@ def main() -> None:
     # Warm up (compile) everything, and check that K is really traced: other K values must not recompile.
     python_loop()
     compiled(adam_loop, np.float32(1e-3))
+    compiled(lax_loop, np.float32(1e-3))
     compiled(l3rs_loop, psi_vec)
     for k in (10, 37, args.k - 1):
         jax.block_until_ready(adam_loop.run_arrays(np.float32(1e-3), task, num_steps=k)["loss"])
         jax.block_until_ready(l3rs_loop.run_arrays(psi_vec, task, num_steps=k)["loss"])
 
-    times: dict[str, list[float]] = {"python_adam": [], "loop_adam": [], "loop_l3rs": []}
+    times: dict[str, list[float]] = {"python_adam": [], "loop_adam": [], "loop_l3rs": [], "loop_adam_lax_conv": []}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit all three alike
         times["python_adam"].append(python_loop())
         times["loop_adam"].append(compiled(adam_loop, np.float32(1e-3)))
         times["loop_l3rs"].append(compiled(l3rs_loop, psi_vec))
+        times["loop_adam_lax_conv"].append(compiled(lax_loop, np.float32(1e-3)))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     result = {
         "model": args.model,
@@ -98,6 +103,8 @@ def main() -> None:
         "ms_per_step_python_adam": round(med["python_adam"], 3),
         "ms_per_step_loop_adam": round(med["loop_adam"], 3),
         "ms_per_step_loop_l3rs": round(med["loop_l3rs"], 3),
+        "ms_per_step_loop_adam_lax_conv": round(med["loop_adam_lax_conv"], 3),
+        "lax_conv_over_im2col_in_loop": round(med["loop_adam_lax_conv"] / med["loop_adam"], 2),
         "step_time_ratio": round(med["loop_adam"] / med["python_adam"], 3),
         "l3rs_loop_over_python_adam": round(med["loop_l3rs"] / med["python_adam"], 3),
         "compiles": adam_loop.compiles,
@@ -108,6 +115,7 @@ def main() -> None:
     print(f"{'jitted adam step called from Python':<38}{med['python_adam']:>10.2f}")
     print(f"{'inner loop (fori_loop, K traced), adam':<38}{med['loop_adam']:>10.2f}")
     print(f"{'inner loop, L3RS(psi0)':<38}{med['loop_l3rs']:>10.2f}")
+    print(f"{'inner loop, adam, nn.Conv (lax.conv)':<38}{med['loop_adam_lax_conv']:>10.2f}")
     print(json.dumps(result))
 
 

@@ -4,7 +4,7 @@ Why im2col: on XLA:CPU a ``lax.conv_general_dilated`` inside ``lax.scan``/``whil
 loop: K fine-tuning steps in one jitted ``fori_loop`` with a traced K) runs 8-16x slower than the same step called
 from Python, because the backward convolutions fall off the CPU fast path (jax-ml/jax#12868). Written as pad,
 ``kh*kw`` strided slices and one matmul, the convolution and its gradients are plain slices, pads and dots, which
-stay fast inside the loop. ``benchmarks/conv_in_loop.py`` measures both.
+stay fast inside the loop. ``benchmarks/inner_loop.py`` measures both.
 
 :class:`Im2ColConv` has the constructor surface of the subset of :class:`flax.linen.Conv` we use and EXACTLY its
 parameter names, shapes and initialisers (``kernel`` [kh, kw, cin, cout], ``bias`` [cout]), so a checkpoint trained
