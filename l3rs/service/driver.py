@@ -187,6 +187,24 @@ class Driver:
                 units.append(WorkUnit(key=(generation, i, j), payload=payload, cost=float(costs[j])))
         return units
 
+    def make_pool(self) -> Any:
+        """The elastic pool of :class:`~l3rs.service.worker.MetaWorker` actors this run's config asks for."""
+        from l3rs.service.pool import ElasticPool
+        from l3rs.service.worker import MetaWorker, worker_env
+
+        w = self.cfg.workers
+        return ElasticPool(
+            MetaWorker,
+            args=(self.cfg.to_dict(),),
+            resources=dict(w.resources),
+            min_workers=w.min_workers,
+            max_workers=w.max_workers,
+            unit_timeout_s=w.unit_timeout_s,
+            max_unit_retries=w.max_unit_retries,
+            env_vars=worker_env(dict(w.resources)),
+            name=f"{self.cfg.run.name}-workers",
+        )
+
     # ------------------------------------------------------------------------------------------------------------
     def run(self, *, stop_after: int | None = None, pool: Any = None) -> TrainResult:
         """Runs until ``nes.generations`` (or ``stop_after`` more generations: for tests of driver restarts).
@@ -195,8 +213,6 @@ class Driver:
         """
         from l3rs.optim import psi_to_vector
         from l3rs.service.metrics import RunMetrics
-        from l3rs.service.pool import ElasticPool
-        from l3rs.service.worker import MetaWorker, worker_env
 
         self._prepare_run_dir()
         template = initial_psi(self.cfg)
@@ -204,19 +220,9 @@ class Driver:
         total = self.cfg.nes.generations
         end = total if stop_after is None else min(total, state.generation + stop_after)
         metrics = RunMetrics(self.cfg.run.name)
-        w = self.cfg.workers
         own_pool = pool is None
         if own_pool:
-            pool = ElasticPool(
-                MetaWorker,
-                args=(self.cfg.to_dict(),),
-                resources=dict(w.resources),
-                min_workers=w.min_workers,
-                max_workers=w.max_workers,
-                unit_timeout_s=w.unit_timeout_s,
-                max_unit_retries=w.max_unit_retries,
-                env_vars=worker_env(dict(w.resources)),
-            )
+            pool = self.make_pool()
         bar = None
         if self.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
