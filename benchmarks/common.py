@@ -31,9 +31,7 @@ def single_thread_cpu() -> None:
     ``XLA_FLAGS`` are kept and the single-thread flags appended.
     """
     if "jax" in sys.modules:
-        raise RuntimeError(
-            "single_thread_cpu() must be called before jax is imported (XLA reads its flags once)."
-        )
+        raise RuntimeError("single_thread_cpu() must be called before jax is imported (XLA reads its flags once).")
     flags = os.environ.get("XLA_FLAGS", "")
     if SINGLE_THREAD_XLA_FLAGS not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
@@ -54,9 +52,7 @@ def time_once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def median_times(
-    candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
+def median_times(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Times every candidate ``repeats`` times, interleaved (A B C A B C ...) so drift hits all of them alike.
 
     ``warmup`` untimed calls per candidate come first (compilation, caches). Returns all times per candidate;
@@ -103,9 +99,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
 
     def line(vals: Sequence[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True))
-        )
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 

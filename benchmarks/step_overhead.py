@@ -152,9 +152,7 @@ def make_runners(module, params, model_state, images, labels, tx, steps: int) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per optimizer and mode (median)")
     parser.add_argument("--steps", type=int, default=50, help="steps per timed run (N)")
     parser.add_argument("--batch", type=int, default=64)
@@ -200,12 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ms/step python": ms[n]["python"],
             "ms/step fori": ms[n]["fori"],
             "ms/update": ms[n]["update"],
-            f"python ×{BASELINE}": ms[n]["python"] / ms[BASELINE]["python"]
-            if BASELINE in ms
-            else float("nan"),
-            f"update ×{BASELINE}": ms[n]["update"] / ms[BASELINE]["update"]
-            if BASELINE in ms
-            else float("nan"),
+            f"python ×{BASELINE}": ms[n]["python"] / ms[BASELINE]["python"] if BASELINE in ms else float("nan"),
+            f"update ×{BASELINE}": ms[n]["update"] / ms[BASELINE]["update"] if BASELINE in ms else float("nan"),
             "state/params": state_bytes[n] / param_bytes,
             "±% (python)": 100 * noise[n]["python"],
         }
@@ -241,8 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             update_time_ratio=ms[SUBJECT]["update"] / ms[BASELINE]["update"],
             # The step ratio the update costs imply (less noisy than timing whole steps on a shared CPU):
             # 1 + (extra update time) / (baseline step time).
-            step_time_ratio_from_update=1.0
-            + (ms[SUBJECT]["update"] - ms[BASELINE]["update"]) / ms[BASELINE]["python"],
+            step_time_ratio_from_update=1.0 + (ms[SUBJECT]["update"] - ms[BASELINE]["update"]) / ms[BASELINE]["python"],
             state_ratio=state_bytes[SUBJECT] / param_bytes,
             state_bytes_beyond_2x_params=extra,
             state_scalars_beyond_2x_params_per_layer=extra / 4 / num_layers,

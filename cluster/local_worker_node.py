@@ -6,6 +6,11 @@ external address and the node's servers listen on every interface. This starts t
 multi-node-on-one-machine helper does (``ray.cluster_utils.Cluster.add_node``), with every socket on loopback, and
 blocks until SIGTERM or Ctrl-C, which stop the node's processes (the autoscaler and the l3rs worker pool see a node
 leave).
+
+Unlike ``Cluster.add_node`` the node gets its own Ray temp dir (``--temp-dir``), as it would on another machine: nodes
+that share a session dir share its ``runtime_resources/``, and one node's runtime-env garbage collection then deletes
+a job's ``working_dir`` while the driver, attached to the other node, still imports from it. With its own session dir
+the node also runs its own log monitor, so its workers' output reaches the drivers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=1)
     parser.add_argument("--num-gpus", type=int, default=1, help="logical GPUs this node advertises")
     parser.add_argument("--object-store-memory", type=int, default=512 * 1024**2, help="bytes")
-    parser.add_argument("--temp-dir", default=None, help="Ray temp dir (default: Ray's)")
+    parser.add_argument("--temp-dir", required=True, help="this node's own Ray temp dir (not the head's)")
     args = parser.parse_args(argv)
 
     host = args.address.rsplit(":", 1)[0]
@@ -44,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         min_worker_port=0,  # OS-chosen ports: no race with the head's workers on the same machine
         max_worker_port=0,
         node_manager_port=0,
-        include_log_monitor=False,  # one log monitor per machine (the head's)
-        temp_dir=args.temp_dir,
+        include_log_monitor=True,  # its own session dir has its own logs to forward
+        temp_dir=os.path.abspath(args.temp_dir),
     )
     params.dashboard_agent_listen_port = None  # a free port, not the head agent's 52365
     node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)

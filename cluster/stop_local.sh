@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Stops the local Ray nodes that cluster/start_local.sh and cluster/add_local_worker.sh started (by their pid files),
-# and nothing else: other Ray clusters on this machine keep running.
+# and nothing else: other Ray clusters and Ray processes on this machine keep running.
 #
 #   cluster/stop_local.sh              # worker nodes first, then the head
 #   cluster/stop_local.sh --worker N   # only worker node N (a node leaving mid-run; the run carries on)
-#   cluster/stop_local.sh --all        # `ray stop`: every Ray process of this user on this machine
+#   cluster/stop_local.sh --all        # `ray stop`: EVERY Ray process of this user on this machine
+#
+# Environment: L3RS_CLUSTER_DIR (where start_local.sh put the pid files).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,14 +19,13 @@ case "${1:-}" in
     for pidfile in "$L3RS_CLUSTER_DIR"/worker-*.pid; do
       [ -e "$pidfile" ] || continue
       found=1
-      name="$(basename "$pidfile" .pid)"
-      l3rs_stop_pidfile "$pidfile" "$name node"
+      l3rs_stop_pidfile "$pidfile" "$(basename "$pidfile" .pid) node"
     done
     if [ -e "$L3RS_CLUSTER_DIR/head.pid" ]; then
       found=1
       l3rs_stop_pidfile "$L3RS_CLUSTER_DIR/head.pid" "head node"
-      rm -f "$L3RS_CLUSTER_DIR/env.sh"
     fi
+    rm -f "$L3RS_CLUSTER_DIR/env.sh"
     if [ "$found" = 0 ]; then
       echo "no local cluster started by cluster/start_local.sh (no pid files in $L3RS_CLUSTER_DIR)."
     else
@@ -32,12 +33,10 @@ case "${1:-}" in
     fi
     ;;
   --worker)
-    n="${2:?usage: $0 --worker N}"
+    n="${2:-}"
+    case "$n" in '' | *[!0-9]*) echo "usage: $0 --worker N" >&2; exit 2 ;; esac
     pidfile="$L3RS_CLUSTER_DIR/worker-$n.pid"
-    if [ ! -e "$pidfile" ]; then
-      echo "error: no worker node $n (no $pidfile)." >&2
-      exit 1
-    fi
+    [ -e "$pidfile" ] || l3rs_die "no worker node $n (no $pidfile)."
     l3rs_stop_pidfile "$pidfile" "worker-$n node"
     ;;
   --all)
@@ -45,8 +44,8 @@ case "${1:-}" in
     "$RAY_BIN" stop
     rm -f "$L3RS_CLUSTER_DIR"/*.pid "$L3RS_CLUSTER_DIR/env.sh"
     ;;
-  -h|--help)
-    sed -n '2,8p' "$0"
+  -h | --help)
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
     ;;
   *)
     echo "usage: $0 [--worker N | --all]" >&2

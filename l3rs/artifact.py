@@ -83,15 +83,11 @@ def verify_artifact(uri: str) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"artifact: {uri!r} has format {meta.get('format')!r}, expected {FORMAT!r}.")
     if hashlib.sha256(storage.read_bytes(psi_uri)).hexdigest() != meta.get("sha256"):
-        raise ValueError(
-            f"artifact: {uri!r} is corrupt: the sha256 of {PSI_FILE} does not match its metadata."
-        )
+        raise ValueError(f"artifact: {uri!r} is corrupt: the sha256 of {PSI_FILE} does not match its metadata.")
     return meta
 
 
-def load_psi(
-    uri: str, *, directions: tuple[str | Direction, ...] | None = None
-) -> tuple[Psi, L3RSConfig, dict]:
+def load_psi(uri: str, *, directions: tuple[str | Direction, ...] | None = None) -> tuple[Psi, L3RSConfig, dict]:
     """Reads and verifies an artifact; returns (ψ, its L3RSConfig, metadata).
 
     ``directions`` supplies the :class:`l3rs.Direction` objects for custom (non built-in) directions, which the

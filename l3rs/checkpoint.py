@@ -78,8 +78,7 @@ def _check_tree(tree: Any, where: str) -> None:
             raise ValueError(f"{where}: object arrays cannot be checkpointed.")
     elif not (tree is None or isinstance(tree, bool | int | float | str | bytes)):
         raise ValueError(
-            f"{where}: unsupported type {type(tree).__name__}; "
-            "use numpy arrays, int, float, str, bytes or dicts."
+            f"{where}: unsupported type {type(tree).__name__}; use numpy arrays, int, float, str, bytes or dicts."
         )
 
 

@@ -119,7 +119,8 @@ def cmd_submit(args) -> int:
 
     cfg = _load(args)
     sets = list(args.set or [])
-    local_head = any(h in args.address for h in ("127.0.0.1", "localhost"))
+    # A head on this machine (not one reached through a tunnel: --remote-paths) shares this filesystem.
+    local_head = any(h in args.address for h in ("127.0.0.1", "localhost")) and not args.remote_paths
     if local_head:
         # A local head shares this filesystem: make relative paths absolute so the job (which runs in an unpacked
         # copy of the working dir) writes where the user will look.
@@ -267,16 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psi", action="append", help="ψ artifact folder(s); default: the run's psi/")
     p.add_argument("--tasks", type=int, default=None, help="tasks per setting")
     p.add_argument("--out", default=None, help="report folder")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--settings", default=None, help='subset of settings, e.g. "AB" or "A,C"')
     p.set_defaults(func=cmd_evaluate)
 
     p = with_config(sub.add_parser("demo", help="the whole story on the embedded default data"))
     p.add_argument("--out", default="runs/demo", help="demo folder")
-    p.add_argument("--quick", action="store_true", help="a few-minute smoke version")
+    p.add_argument("--quick", action="store_true", help="a few-minute smoke version (numbers not meaningful)")
+    p.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
     p.set_defaults(func=cmd_demo)
 
     p = with_config(sub.add_parser("submit", help="submit `l3rs train` as a Ray job"), required=True)
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     p.add_argument("--pip", action="append", help="extra pip requirements for the job's runtime_env")
+    p.add_argument(
+        "--remote-paths",
+        action="store_true",
+        help="keep relative paths relative (a remote head reached through a tunnel such as kubectl port-forward)",
+    )
     p.set_defaults(func=cmd_submit)
 
     for name, func, helptext in (

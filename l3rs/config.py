@@ -45,9 +45,7 @@ class RunSection:
 
     def validate(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
-            raise ConfigError(
-                f"run.name: {self.name!r} must be a non-empty name without '/', '\\' or spaces."
-            )
+            raise ConfigError(f"run.name: {self.name!r} must be a non-empty name without '/', '\\' or spaces.")
         if not self.storage:
             raise ConfigError("run.storage: must be a local path or an s3:// / gs:// URI.")
         _positive("run.checkpoint_every", self.checkpoint_every)
@@ -176,12 +174,8 @@ class WorkersSection:
             raise ConfigError(
                 f"workers.min_workers: {self.min_workers} is larger than workers.max_workers = {self.max_workers}."
             )
-        if not self.resources or any(
-            not isinstance(v, int | float) or v <= 0 for v in self.resources.values()
-        ):
-            raise ConfigError(
-                f"workers.resources: need positive amounts like {{ GPU = 1 }}, got {self.resources}."
-            )
+        if not self.resources or any(not isinstance(v, int | float) or v <= 0 for v in self.resources.values()):
+            raise ConfigError(f"workers.resources: need positive amounts like {{ GPU = 1 }}, got {self.resources}.")
         if self.candidates_per_call not in (1, 2):
             raise ConfigError(
                 f"workers.candidates_per_call: 1 (one member of a pair per call) or 2 (both, vmapped), "
@@ -203,6 +197,7 @@ class EvaluateSection:
     other_dataset: str = "sklearn_digits"  # settings B and D evaluate on it
     other_checkpoint: str = "runs/pretrain-digits"  # settings C and D start from it
     seed: int = 2024
+    workers: int = 0  # evaluation processes; 0 = one per core
 
     def __post_init__(self) -> None:
         for name in ("k_grid", "adam_lrs", "settings"):
@@ -219,6 +214,8 @@ class EvaluateSection:
             raise ConfigError(f"evaluate.k_grid: must be strictly increasing, got {self.k_grid}.")
         if not self.adam_lrs or any(not isinstance(x, int | float) or x <= 0 for x in self.adam_lrs):
             raise ConfigError(f"evaluate.adam_lrs: positive learning rates required, got {self.adam_lrs}.")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"evaluate.workers: 0 (one per core) or a positive count, got {self.workers!r}.")
         unknown = sorted(set(self.settings) - set("ABCDE"))
         if unknown or not self.settings:
             raise ConfigError(f"evaluate.settings: choose among A B C D E, got {list(self.settings)}.")
@@ -278,12 +275,7 @@ def _asdict(section: Any) -> dict[str, Any]:
 
 
 def _positive(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}: must be a positive number, got {value!r}.")
 
 
@@ -317,9 +309,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{section}.{unknown[0]}: unknown field; known fields of [{section}]: {sorted(fields)}."
-        )
+        raise ConfigError(f"{section}.{unknown[0]}: unknown field; known fields of [{section}]: {sorted(fields)}.")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)

@@ -45,9 +45,7 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {
-        "1.0.0": "Fashion-MNIST from local IDX files; train/validation split of the official train set."
-    }
+    RELEASE_NOTES = {"1.0.0": "Fashion-MNIST from local IDX files; train/validation split of the official train set."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

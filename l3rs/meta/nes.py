@@ -113,9 +113,7 @@ class NESState(NamedTuple):
 
 
 def _is_real(x: Any) -> bool:
-    return (
-        isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) and math.isfinite(x)
-    )
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -145,9 +143,7 @@ def init(config: NESConfig, mean0: np.ndarray) -> NESState:
     if mean.size == 0:
         raise ValueError("mean0: must have at least one element.")
     if not np.all(np.isfinite(mean)):
-        raise ValueError(
-            f"mean0: must be finite, found {int((~np.isfinite(mean)).sum())} non-finite entries."
-        )
+        raise ValueError(f"mean0: must be finite, found {int((~np.isfinite(mean)).sum())} non-finite entries.")
     zeros = np.zeros_like(mean)
     return NESState(mean=mean, m=zeros, v=zeros.copy(), generation=0)
 
@@ -208,9 +204,7 @@ def centered_ranks(fitness: np.ndarray) -> np.ndarray:
     return ranks / (n - 1) - 0.5
 
 
-def tell(
-    config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarray
-) -> tuple[NESState, dict[str, Any]]:
+def tell(config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarray) -> tuple[NESState, dict[str, Any]]:
     """One NES step: shape the fitness, estimate the gradient, take an Adam *ascent* step on the mean.
 
     Args:

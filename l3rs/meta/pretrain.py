@@ -134,9 +134,7 @@ def pretrain(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    bar = tqdm(
-        range(steps), desc=f"pretrain {model_name} on {dataset}", disable=not progress, mininterval=1.0
-    )
+    bar = tqdm(range(steps), desc=f"pretrain {model_name} on {dataset}", disable=not progress, mininterval=1.0)
     loss = jnp.nan
     for i in bar:
         key, sub = jax.random.split(key)
@@ -145,9 +143,7 @@ def pretrain(
             bar.set_postfix(loss=f"{float(loss):.3f}")
     correct = 0
     for i in range(0, len(x_test), 1000):
-        correct += int(
-            np.sum(np.asarray(predict(params, model_state, x_test[i : i + 1000])) == y_test[i : i + 1000])
-        )
+        correct += int(np.sum(np.asarray(predict(params, model_state, x_test[i : i + 1000])) == y_test[i : i + 1000]))
     accuracy = correct / max(len(x_test), 1)
     variables = {"params": params, **model_state}
     meta = {

@@ -18,9 +18,7 @@ from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
 __all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_psi", "model_for"]
 
 
-def task_distribution(
-    cfg: Config, stage: str = "meta_train", *, k_min: int | None = None, k_max: int | None = None
-):
+def task_distribution(cfg: Config, stage: str = "meta_train", *, k_min: int | None = None, k_max: int | None = None):
     return TaskDistribution(
         dataset=cfg.data.dataset,
         stage=stage,

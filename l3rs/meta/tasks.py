@@ -143,9 +143,7 @@ def sample_task(seed: int, dist: TaskDistribution, pool: TaskPool) -> Task:
     eval_sets = _per_class(pool.eval_labels, classes)
     for c, tr, ev in zip(classes, train_sets, eval_sets, strict=True):
         if len(tr) == 0 or len(ev) == 0:
-            raise ValueError(
-                f"class {int(c)} has no images in the task pool of {dist.dataset} ({dist.stage})."
-            )
+            raise ValueError(f"class {int(c)} has no images in the task pool of {dist.dataset} ({dist.stage}).")
 
     # Training batches: each example drawn uniformly over the task's images (with replacement across the run).
     train_all = np.concatenate(train_sets)

@@ -129,9 +129,7 @@ def head_mask(params: Any) -> Any:
     Raises:
       ValueError: ``params`` has no ``head`` (the mask would freeze everything).
     """
-    mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(k, "key", None) == HEAD for k in path), params
-    )
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: any(getattr(k, "key", None) == HEAD for k in path), params)
     if not any(jax.tree.leaves(mask)):
         raise ValueError(f"params: no {HEAD!r} layer to train (top-level keys: {_keys(params)}).")
     return mask

@@ -45,9 +45,7 @@ def _explicit_pads(
     """``padding`` as two (low, high) pairs, with nn.Conv's conventions (``lax.padtype_to_pads`` for strings)."""
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(
-                f"padding: {padding!r} is not supported by Im2ColConv; use 'SAME', 'VALID' or ints."
-            )
+            raise ValueError(f"padding: {padding!r} is not supported by Im2ColConv; use 'SAME', 'VALID' or ints.")
         return [tuple(p) for p in lax.padtype_to_pads(spatial, window, strides, padding.upper())]
     if isinstance(padding, int):
         return [(padding, padding)] * 2
@@ -121,9 +119,7 @@ class Im2ColConv(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if isinstance(self.kernel_size, int):
-            raise ValueError(
-                f"kernel_size: {self.kernel_size!r} is an int (a 1-D kernel for nn.Conv); pass (kh, kw)."
-            )
+            raise ValueError(f"kernel_size: {self.kernel_size!r} is an int (a 1-D kernel for nn.Conv); pass (kh, kw).")
         kernel_size = _pair(self.kernel_size, "kernel_size")
         strides = _pair(self.strides, "strides")
         if inputs.ndim < 3:
@@ -134,9 +130,7 @@ class Im2ColConv(nn.Module):
         pads = _explicit_pads(self.padding, x.shape[1:3], kernel_size, strides)
 
         kernel = self.param("kernel", self.kernel_init, (*kernel_size, cin, self.features), self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        )
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
 
         patches = im2col(x, kernel_size, strides, pads)

@@ -69,9 +69,7 @@ class ResNet(nn.Module):
     def __post_init__(self) -> None:
         check_model_fields(self.num_classes, self.conv)
         if not self.stage_sizes or not all(isinstance(n, int) and n > 0 for n in self.stage_sizes):
-            raise ValueError(
-                f"stage_sizes: {self.stage_sizes!r} must be a non-empty sequence of positive ints."
-            )
+            raise ValueError(f"stage_sizes: {self.stage_sizes!r} must be a non-empty sequence of positive ints.")
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"width: {self.width!r} must be a positive int.")
         super().__post_init__()

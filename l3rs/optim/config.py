@@ -105,15 +105,11 @@ class L3RSConfig:
         if any(int(h) != h or h <= 0 for h in self.hidden_sizes):
             raise ValueError(f"optimizer.hidden_sizes: positive integers required, got {self.hidden_sizes}.")
         if int(self.embedding_dim) != self.embedding_dim or self.embedding_dim < 0:
-            raise ValueError(
-                f"optimizer.embedding_dim: a non-negative integer required, got {self.embedding_dim}."
-            )
+            raise ValueError(f"optimizer.embedding_dim: a non-negative integer required, got {self.embedding_dim}.")
         if any(not 0.0 <= g < 1.0 for g in self.ema_decays):
             raise ValueError(f"optimizer.ema_decays: each γ must lie in [0, 1), got {self.ema_decays}.")
         if any(b <= 0 for b in self.absolute_time_betas):
-            raise ValueError(
-                f"optimizer.absolute_time_betas: must be positive, got {self.absolute_time_betas}."
-            )
+            raise ValueError(f"optimizer.absolute_time_betas: must be positive, got {self.absolute_time_betas}.")
         if not (math.isfinite(self.init_lr) and self.init_lr > 0):
             raise ValueError(f"optimizer.init_lr: must be a positive number, got {self.init_lr}.")
         if self.init_mixing is not None:

@@ -288,9 +288,7 @@ def l3rs(psi: Psi, config: L3RSConfig, total_steps: int | jax.Array) -> optax.Gr
         ema_w = gammas * state.ema_log_w + (1 - gammas) * log_w[:, None]
         ema_g = gammas * state.ema_log_g + (1 - gammas) * log_g[:, None]
         loss = jnp.asarray(value, jnp.float32)
-        ema_loss = jnp.where(
-            jnp.isfinite(loss), gammas * state.ema_loss + (1 - gammas) * loss, state.ema_loss
-        )
+        ema_loss = jnp.where(jnp.isfinite(loss), gammas * state.ema_loss + (1 - gammas) * loss, state.ema_loss)
 
         # Time features (§4.1): k is the index of this step (0-based), K the horizon.
         k = state.count.astype(jnp.float32)

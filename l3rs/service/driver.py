@@ -149,9 +149,7 @@ class Driver:
         body = "".join(json.dumps(h) + "\n" for h in history)
         storage.write_bytes_atomic(storage.join(self.run_dir, "history.jsonl"), body.encode())
         if history:
-            plot_meta_training(
-                history, storage.join(self.run_dir, "plots", "meta_training.png"), self.cfg.run.name
-            )
+            plot_meta_training(history, storage.join(self.run_dir, "plots", "meta_training.png"), self.cfg.run.name)
         psi = vector_to_psi(state.mean, template)
         last = history[-1] if history else {}
         return save_artifact(
@@ -227,9 +225,7 @@ class Driver:
         if self.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            bar = tqdm(
-                total=total, initial=state.generation, desc=f"meta-train {self.cfg.run.name}", unit="gen"
-            )
+            bar = tqdm(total=total, initial=state.generation, desc=f"meta-train {self.cfg.run.name}", unit="gen")
         try:
             while state.generation < end:
                 gen = state.generation
@@ -292,9 +288,7 @@ class Driver:
                 )
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(
-                        fitness=f"{row['fitness_mean']:.4f}", acc=f"{100 * row['accuracy_mean']:.1f}%"
-                    )
+                    bar.set_postfix(fitness=f"{row['fitness_mean']:.4f}", acc=f"{100 * row['accuracy_mean']:.1f}%")
                     bar.write(line)
                 else:
                     print(line, flush=True)

@@ -8,7 +8,7 @@ __all__ = ["RunMetrics"]
 
 _GAUGES = {
     "l3rs_generation": "Current NES generation.",
-    "l3rs_fitness_mean": "Population mean fitness (= −mean eval loss).",
+    "l3rs_fitness_mean": "Population mean fitness (= -mean eval loss).",
     "l3rs_fitness_best": "Best candidate fitness of the generation.",
     "l3rs_eval_accuracy": "Population mean eval accuracy.",
     "l3rs_sigma": "NES noise standard deviation.",
