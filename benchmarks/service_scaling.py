@@ -2,8 +2,8 @@
 
 Starts a real local Ray instance on loopback and runs real work units (antithetic ψ pairs on Fashion-MNIST tasks of
 the embedded default, K fixed so every unit costs the same) through :class:`l3rs.service.pool.ElasticPool`, first
-with one worker, then with two, each worker held to one CPU thread (``workers.resources = {CPU = 1}``, single-thread
-XLA flags). Generations are interleaved (1, 2, 1, 2, ...) and the median is reported.
+with one worker, then with two, then with one again, each worker held to one core (``workers.resources = {CPU = 1}``:
+single-thread XLA flags and a core of its own, see ``l3rs.cpu``). The median over generations is reported.
 
   units/s          = units of a generation / its wall time (after a warm-up generation that compiles);
   speedup_2_workers = units/s with 2 workers / units/s with 1 (goal ≥ 1.8 on 2 cores);
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    # Three logical CPU slots: the 1-worker pool's actor and the 2-worker pool's actors all stay alive so the two
-    # setups can be interleaved; only one pool computes at a time, so at most two cores are busy.
-    init_local(num_cpus=3, include_dashboard=False)
+    init_local(num_cpus=2, include_dashboard=False)
     vec = np.asarray(psi_to_vector(initial_psi(cfg)), np.float32)
     rng = np.random.default_rng(0)
 
@@ -72,44 +70,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
 
     resources = {"CPU": 1.0}
-    pools = {
-        n: ElasticPool(
-            MetaWorker,
-            args=(cfg.to_dict(),),
-            resources=resources,
-            min_workers=n,
-            max_workers=n,
-            unit_timeout_s=600.0,
-            max_unit_retries=3,
-            env_vars=worker_env(resources),
-        )  # fmt: skip
-        for n in (1, 2)
-    }
+
+    def make_pool(n: int) -> Any:
+        return ElasticPool(MetaWorker, args=(cfg.to_dict(),), resources=resources, min_workers=n, max_workers=n,
+                           unit_timeout_s=600.0, max_unit_retries=3, env_vars=worker_env(resources))  # fmt: skip
+
+    # Each worker pins itself to a core of its own (l3rs.cpu), so the two setups cannot be alive at once on two
+    # cores: they run one after the other, 1 - 2 - 1 workers, so that a drift of the machine's speed shows up.
     rates: dict[int, list[float]] = {1: [], 2: []}
     overhead: list[float] = []
     unit_seconds: list[float] = []
     gen = 0
     try:
-        for pool in pools.values():  # warm-up: start actors, load data, compile
-            pool.run(units(gen), method="run")
-            gen += 1
-        for rep in range(args.repeats):
-            for n, pool in pools.items():
-                batch = units(gen)
+        for phase, n in enumerate((1, 2, 1)):
+            pool = make_pool(n)
+            try:
+                pool.warm_up(n)
+                pool.run(units(gen), method="run")  # compile
                 gen += 1
-                start = time.perf_counter()
-                results = pool.run(batch, method="run")
-                wall = time.perf_counter() - start
-                rates[n].append(len(batch) / wall)
-                compute = sum(r["seconds"] for r in results.values())
-                if n == 1:
-                    overhead.append(1.0 - compute / wall)
-                    unit_seconds.append(compute / len(batch))
-            print(f"repeat {rep + 1}/{args.repeats}: 1 worker {rates[1][-1]:.2f} units/s, "
-                  f"2 workers {rates[2][-1]:.2f} units/s", file=sys.stderr, flush=True)  # fmt: skip
+                for rep in range(args.repeats if phase != 2 else max(1, args.repeats // 2)):
+                    batch = units(gen)
+                    gen += 1
+                    start = time.perf_counter()
+                    results = pool.run(batch, method="run")
+                    wall = time.perf_counter() - start
+                    rates[n].append(len(batch) / wall)
+                    compute = sum(r["seconds"] for r in results.values())
+                    if n == 1:
+                        overhead.append(1.0 - compute / wall)
+                        unit_seconds.append(compute / len(batch))
+                    print(f"{n} worker(s), repeat {rep + 1}: {rates[n][-1]:.2f} units/s", file=sys.stderr, flush=True)
+                cores = [w["info"].get("cores") for w in pool.stats()["workers"]]
+                print(f"{n} worker(s) pinned to cores {cores}", file=sys.stderr, flush=True)
+            finally:
+                pool.shutdown()
     finally:
-        for pool in pools.values():
-            pool.shutdown()
         ray.shutdown()
 
     med = {n: statistics.median(v) for n, v in rates.items()}

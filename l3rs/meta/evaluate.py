@@ -812,6 +812,11 @@ def _init_child(env: Mapping[str, str]) -> None:
     # guards against a start method that does not copy the parent's environment.
     for k, v in env.items():
         os.environ.setdefault(k, v)
+    # One core per process: XLA:CPU's thread pool would otherwise span every core (see l3rs.cpu). Before any
+    # computation, so that JAX's threads inherit the affinity.
+    from l3rs.cpu import claim_cores
+
+    claim_cores(1)
 
 
 def _bars(specs: Sequence[SettingSpec], num_tasks: int, progress: bool) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import os
 import socket
 from typing import Any
 
+from l3rs.cpu import PIN_ENV, claim_from_env
+
 __all__ = ["MetaWorker", "worker_env"]
 
 
@@ -23,6 +25,9 @@ def worker_env(resources: dict[str, float]) -> dict[str, str]:
         if threads == 1:
             env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         env["JAX_PLATFORMS"] = "cpu"
+        # XLA:CPU's thread pool spans every core regardless of the flags: pin each worker to its own cores
+        # (l3rs.cpu), so that N workers on N cores do not share them.
+        env[PIN_ENV] = str(threads)
     return env
 
 
@@ -30,6 +35,7 @@ class MetaWorker:
     """Holds the task images, θ0 and one compiled inner loop; evaluates (ψ pair, task seed) work units."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        self.cores = claim_from_env()  # before JAX starts its threads
         from l3rs.config import config_from_dict
         from l3rs.meta.runner import TaskRunner
 
@@ -37,7 +43,12 @@ class MetaWorker:
         self.runner = TaskRunner(cfg, vmap_candidates=cfg.workers.candidates_per_call == 2)
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "setup_seconds": self.runner.setup_seconds}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "cores": self.cores,
+            "setup_seconds": self.runner.setup_seconds,
+        }
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         return self.runner.evaluate(payload["candidates"], payload["task_seed"])
