@@ -28,27 +28,51 @@ def save_figure(fig, uri: str) -> None:
     storage.write_bytes_atomic(uri, buf.getvalue())
 
 
+def _values(history: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    return np.asarray([np.nan if h.get(key) is None else h[key] for h in history], np.float64)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` finite values (NaN where none); same length as ``values``."""
+    out = np.full(len(values), np.nan)
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        if chunk.size:
+            out[i] = chunk.mean()
+    return out
+
+
 def plot_meta_training(history: Sequence[dict[str, Any]], uri: str, title: str = "") -> None:
-    """Fitness (mean and best of the population), population eval accuracy, and the σ / meta-lr schedules."""
+    """Fitness (mean and best of the population), population eval accuracy, and the σ / meta-lr schedules.
+
+    Every generation draws new tasks (another K, other classes and batches), so the per-generation values jump; the
+    bold lines are trailing moving averages over 10 generations, the faint ones the raw values.
+    """
     plt = _pyplot()
     gen = np.asarray([h["generation"] for h in history])
+    window = 10
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
-    ax.plot(gen, [h["fitness_mean"] for h in history], label="population mean", color="black")
-    ax.plot(gen, [h["fitness_best"] for h in history], label="population best", color="tab:green", alpha=0.7)
-    ax.set(xlabel="generation", ylabel="fitness = −mean eval loss", title="Fitness")
+    for key, label, color in (("fitness_mean", "population mean", "black"), ("fitness_best", "best", "tab:green")):
+        raw = _values(history, key)
+        ax.plot(gen, raw, color=color, alpha=0.25, lw=1)
+        ax.plot(gen, moving_average(raw, window), color=color, lw=2, label=f"{label} ({window}-gen. average)")
+    ax.set(xlabel="generation", ylabel="fitness = -mean eval loss", title="Fitness (higher is better)")
     ax.legend()
     ax = axes[1]
-    ax.plot(gen, 100 * np.asarray([h["accuracy_mean"] for h in history]), color="black")
-    ax.set(xlabel="generation", ylabel="eval accuracy (%)", title="Population eval accuracy")
+    acc = 100 * _values(history, "accuracy_mean")
+    ax.plot(gen, acc, color="tab:blue", alpha=0.25, lw=1)
+    ax.plot(gen, moving_average(acc, window), color="tab:blue", lw=2, label=f"{window}-gen. average")
+    ax.set(xlabel="generation", ylabel="eval accuracy after K steps (%)", title="Population eval accuracy")
+    ax.legend()
     ax = axes[2]
-    ax.plot(gen, [h["sigma"] for h in history], label="σ")
-    ax.plot(gen, [h["meta_lr"] for h in history], label="meta learning rate")
+    ax.plot(gen, _values(history, "sigma"), label="σ")
+    ax.plot(gen, _values(history, "meta_lr"), label="meta learning rate")
     ax.set(xlabel="generation", title="NES schedules", yscale="log")
     ax.legend()
     for a in axes:
         a.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(f"{title}: meta-training (new tasks every generation; faint = raw)" if title else "meta-training")
     save_figure(fig, uri)
     plt.close(fig)
