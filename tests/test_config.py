@@ -94,3 +94,17 @@ def test_resume_with_changed_math_is_refused(tmp_path):
         Driver(changed).run()
     # Extending a run (more generations) or moving its checkpoint cadence is allowed: no error before Ray is needed.
     Driver(base.replace(nes={"generations": 80}))._prepare_run_dir()
+
+
+def test_cli_refuses_a_bad_field_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "l3rs.cli", "train", "--set", "nes.population_size=7", "--set",
+         f"run.storage={str(tmp_path)!r}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "nes.population_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
