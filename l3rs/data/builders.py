@@ -37,6 +37,24 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(tuple(dims))
 
 
+def _image_info(
+    builder: tfds.core.GeneratorBasedBuilder, description: str, shape: tuple[int, int, int], homepage: str
+) -> tfds.core.DatasetInfo:
+    """10-class uint8 images stored as ``Tensor`` (``tfds.features.Image`` would need TensorFlow to encode)."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
+        ),
+        supervised_keys=("image", "label"),
+        homepage=homepage,
+    )
+
+
 class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
     """Fashion-MNIST (Xiao et al. 2017) built from local IDX files, e.g. Debian's ``dataset-fashion-mnist``.
 
@@ -48,17 +66,11 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Fashion-MNIST from local IDX files; train/validation split of the official train set."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Fashion-MNIST from local IDX files (Debian's dataset-fashion-mnist).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://github.com/zalandoresearch/fashion-mnist",
+        return _image_info(
+            self,
+            "Fashion-MNIST from local IDX files (Debian's dataset-fashion-mnist).",
+            (28, 28, 1),
+            "https://github.com/zalandoresearch/fashion-mnist",
         )
 
     def _split_generators(self, dl_manager):  # noqa: ANN001 - tfds's signature
@@ -102,17 +114,11 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "scikit-learn's load_digits, 16x16 uint8, index-based splits."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="scikit-learn's optical-digits images (8x8, upscaled to 16x16 by pixel repetition).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(16, 16, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
+        return _image_info(
+            self,
+            "scikit-learn's optical-digits images (8x8, upscaled to 16x16 by pixel repetition).",
+            (16, 16, 1),
+            "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
         )
 
     def _split_generators(self, dl_manager):  # noqa: ANN001 - tfds's signature
