@@ -25,7 +25,7 @@ SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_paralleli
 
 
 def single_thread_cpu() -> None:
-    """Makes XLA use one CPU thread (one worker per core is how the service runs on CPU).
+    """Makes XLA use one CPU core (one worker per core is how the service runs on CPU).
 
     Must run before jax is imported: XLA reads the flags once, at backend start. Existing
     ``XLA_FLAGS`` are kept and the single-thread flags appended.
@@ -36,6 +36,9 @@ def single_thread_cpu() -> None:
     if SINGLE_THREAD_XLA_FLAGS not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # The flags alone do not stop XLA:CPU's thread pool from using every core (see l3rs/cpu.py): pin to one core.
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def block(tree: Any) -> Any:

@@ -1,7 +1,7 @@
 """ms/step of the compiled inner loop (K traced, batches gathered on device) over a plain jitted optax.adam step
 called from Python, same model, batch size and machine, measured in the same run; and the compile count.
 
-Single CPU thread (one worker per core is how the service runs on CPU). Last line: one JSON object.
+One CPU core (one worker per core is how the service runs on CPU). Last line: one JSON object.
 
     python benchmarks/inner_loop.py [--repeats 7] [--k 100]
 """
@@ -12,6 +12,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The flags alone do not stop XLA:CPU's thread pool from using every core (see l3rs/cpu.py): pin to one core.
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -3,7 +3,7 @@
 Goals (the issue): L3RS step time ≤ 1.10 × Adam's; optimizer state ≈ 2.0 × the parameters plus
 a few scalars per layer (paper Table 1: Adam 2.0×, L3RS 2.0×).
 
-Measured in one run, on one CPU thread, with the optimizers interleaved within each repeat; the median of
+Measured in one run, on one CPU core, with the optimizers interleaved within each repeat; the median of
 ``--repeats`` runs of ``--steps`` steps each, for each optimizer:
 
   python  N training steps (forward + backward + optimizer update + apply), one jitted step per Python call;
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     print(
         f"model {args.model}, batch {args.batch}, {num_layers} layers, {param_bytes / 1024:.1f} KiB params; "
-        f"median of {args.repeats} × {args.steps} steps, 1 CPU thread"
+        f"median of {args.repeats} × {args.steps} steps, 1 CPU core"
     )
     print(common.format_table(rows, list(rows[0])))
 
