@@ -222,6 +222,7 @@ class Driver:
         if own_pool:
             pool = self.make_pool()
         bar = None
+        meta: dict[str, Any] | None = None  # of the artifact last written
         if self.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
@@ -288,20 +289,22 @@ class Driver:
                 )
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(fitness=f"{row['fitness_mean']:.4f}", acc=f"{100 * row['accuracy_mean']:.1f}%")
+                    if row["fitness_mean"] is not None:
+                        bar.set_postfix(fitness=f"{row['fitness_mean']:.4f}", acc=f"{100 * row['accuracy_mean']:.1f}%")
                     bar.write(line)
                 else:
                     print(line, flush=True)
                 done = state.generation == total
                 if state.generation % self.cfg.run.checkpoint_every == 0 or done or state.generation == end:
                     self._save_checkpoint(state, history)
-                    self._write_outputs(state, history, template)
+                    meta = self._write_outputs(state, history, template)
         finally:
             if bar is not None:
                 bar.close()
             if own_pool:
                 pool.shutdown()
-        meta = self._write_outputs(state, history, template)
+        if meta is None:  # nothing ran (the run was already complete): the outputs of its last state
+            meta = self._write_outputs(state, history, template)
         return TrainResult(
             run_dir=self.run_dir,
             psi_uri=storage.join(self.run_dir, "psi"),
