@@ -152,7 +152,7 @@ def build_report(
             "checkpoint": spec.checkpoint,
             **summary,
         }
-        means = _means(summary)
+        means = _curves(summary, "mean_acc")
         speedup[spec.name] = {name: _speedup(summary["k_grid"], means[BEST_ADAM], means[name]) for name in l3rs_names}
     panel_f = "A" if "A" in settings else next(iter(settings), None)
     report = {
@@ -206,22 +206,13 @@ def build_report(
     return _jsonable(report)
 
 
-def _means(summary: dict[str, Any]) -> dict[str, list[float]]:
+def _curves(summary: dict[str, Any], field: str) -> dict[str, list[float]]:
+    """Per optimizer, ``field`` of its rows (e.g. "mean_acc") in k_grid order; NaN where missing or null."""
     ks = summary["k_grid"]
     out: dict[str, list[float]] = {}
     for row in summary["rows"]:
         out.setdefault(row["optimizer"], [math.nan] * len(ks))
-        v = row["mean_acc"]
-        out[row["optimizer"]][ks.index(row["K"])] = math.nan if v is None else v
-    return out
-
-
-def _stds(summary: dict[str, Any]) -> dict[str, list[float]]:
-    ks = summary["k_grid"]
-    out: dict[str, list[float]] = {}
-    for row in summary["rows"]:
-        out.setdefault(row["optimizer"], [math.nan] * len(ks))
-        v = row["std_acc"]
+        v = row[field]
         out[row["optimizer"]][ks.index(row["K"])] = math.nan if v is None else v
     return out
 
@@ -500,7 +491,7 @@ def _k_axis(ax: Any, ks: Sequence[int], k_range: Sequence[int]) -> None:
 
 def _group_best(summary: dict[str, Any], names: Sequence[str]) -> tuple[list[float], list[float]]:
     """Per K: the best (by mean accuracy) of ``names``, as (mean, std) curves."""
-    means, stds = _means(summary), _stds(summary)
+    means, stds = _curves(summary, "mean_acc"), _curves(summary, "std_acc")
     m, s = [], []
     for j in range(len(summary["k_grid"])):
         best = max(names, key=lambda n: -math.inf if math.isnan(means[n][j]) else means[n][j])
@@ -526,7 +517,7 @@ def plot_meta_evaluation(report: dict[str, Any], uri: str) -> None:
     flat = axes.ravel()
     for ax, (name, s) in zip(flat, settings.items(), strict=False):
         ks = s["k_grid"]
-        means, stds = _means(s), _stds(s)
+        means, stds = _curves(s, "mean_acc"), _curves(s, "std_acc")
         _k_axis(ax, ks, k_range)
         # best Adam underneath (a wide translucent band-line), so the family it comes from stays visible on top
         m, sd = np.asarray(means[BEST_ADAM]), np.asarray(stds[BEST_ADAM])
@@ -613,7 +604,7 @@ def plot_baselines(report: dict[str, Any], uri: str) -> None:
     cmap = plt.get_cmap("viridis")
     for r, (name, s) in enumerate(settings.items()):
         ks = s["k_grid"]
-        means = _means(s)
+        means = _curves(s, "mean_acc")
         for c, fam in enumerate(fams):
             ax = axes[r, c]
             _k_axis(ax, ks, k_range)
