@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, default=60, help="inner steps per task (fixed, so units cost the same)")
     args = parser.parse_args(argv)
 
-    from l3rs import storage
     from l3rs.config import Config
+    from l3rs.meta.pretrain import ensure_pretrained
     from l3rs.meta.runner import initial_psi
     from l3rs.optim import psi_to_vector
     from l3rs.service.driver import resolve_paths
@@ -47,12 +47,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from l3rs.service.worker import MetaWorker, worker_env
 
     cfg = resolve_paths(Config().replace(task={"k_min": args.k, "k_max": args.k}).validate())
-    if not storage.exists(storage.join(cfg.model.checkpoint, "meta.json")):
-        from l3rs.meta.pretrain import pretrain
-
-        p = cfg.pretrain
-        pretrain(dataset=cfg.data.dataset, model_name=cfg.model.name, steps=p.steps, batch_size=p.batch_size,
-                 learning_rate=p.learning_rate, seed=p.seed, data_dir=None, output=cfg.model.checkpoint)  # fmt: skip
+    p = cfg.pretrain
+    ensure_pretrained(dataset=cfg.data.dataset, model_name=cfg.model.name, output=cfg.model.checkpoint, steps=p.steps,
+                      batch_size=p.batch_size, learning_rate=p.learning_rate, seed=p.seed)  # fmt: skip
 
     import ray
 

@@ -39,17 +39,16 @@ QUICK = {
 
 
 def _pretrain_if_missing(dataset: str, model: str, output: str, p: Any, steps: int | None = None) -> None:
-    from l3rs import storage
-    from l3rs.meta.pretrain import META_FILE, pretrain
+    from l3rs.meta.pretrain import ensure_pretrained
 
-    if storage.exists(storage.join(output, META_FILE)):
-        print(f"[demo] pretrained checkpoint found: {output}", flush=True)
-        return
     steps = steps or p.steps
-    print(f"[demo] pretraining {model} on {dataset} ({steps} steps) -> {output}", flush=True)
-    result = pretrain(dataset=dataset, model_name=model, steps=steps, batch_size=p.batch_size,
-                      learning_rate=p.learning_rate, seed=p.seed, data_dir=None, output=output)  # fmt: skip
-    print(f"[demo]   test accuracy on the pretrain classes: {100 * result.meta['test_accuracy']:.1f}%", flush=True)
+    print(f"[demo] checkpoint {output}: pretraining {model} on {dataset} ({steps} steps) unless it exists", flush=True)
+    meta = ensure_pretrained(dataset=dataset, model_name=model, output=output, steps=steps, batch_size=p.batch_size,
+                             learning_rate=p.learning_rate, seed=p.seed)  # fmt: skip
+    if meta is None:
+        print(f"[demo]   found: {output}", flush=True)
+    else:
+        print(f"[demo]   test accuracy on the pretrain classes: {100 * meta['test_accuracy']:.1f}%", flush=True)
 
 
 def _stage(name: str, start: float) -> None:

@@ -19,7 +19,7 @@ from flax import serialization
 
 from l3rs import storage
 
-__all__ = ["PretrainResult", "pretrain", "save_variables", "load_variables", "random_variables"]
+__all__ = ["PretrainResult", "pretrain", "ensure_pretrained", "save_variables", "load_variables", "random_variables"]
 
 VARIABLES_FILE = "variables.msgpack"
 META_FILE = "meta.json"
@@ -164,3 +164,19 @@ def pretrain(
     if output:
         meta = save_variables(output, variables, meta)
     return PretrainResult(variables=jax.tree.map(np.asarray, variables), meta=meta)
+
+
+def ensure_pretrained(
+    *, dataset: str, model_name: str, output: str, steps: int, batch_size: int, learning_rate: float, seed: int
+) -> dict[str, Any] | None:
+    """Pretrains into ``output`` unless a complete checkpoint (its ``meta.json``) is already there.
+
+    Returns the new checkpoint's metadata, or None when the existing one was kept.
+    """
+    from l3rs import storage
+
+    if storage.exists(storage.join(output, META_FILE)):
+        return None
+    result = pretrain(dataset=dataset, model_name=model_name, steps=steps, batch_size=batch_size,
+                      learning_rate=learning_rate, seed=seed, output=output)  # fmt: skip
+    return result.meta
