@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from l3rs.data import normalize
-    from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, l3rs_optimizer_fn
+    from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, learned_optimizer_fn
     from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
     from l3rs.models import create, fresh_head, init_variables
     from l3rs.optim import L3RSConfig, init_psi, psi_to_vector
@@ -74,7 +74,7 @@ def main() -> None:
                          num_classes=5)  # fmt: skip
     cfg = L3RSConfig()
     psi = init_psi(cfg, variables["params"], jax.random.key(0))
-    l3rs_loop = InnerLoop(module, variables, pool, l3rs_optimizer_fn(cfg, psi), num_classes=5)
+    l3rs_loop = InnerLoop(module, variables, pool, learned_optimizer_fn(cfg, psi), num_classes=5)
     psi_vec = np.asarray(psi_to_vector(psi))
 
     def compiled(loop, opt_params) -> float:

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from l3rs.config import Config
     from l3rs.meta.pretrain import ensure_pretrained
-    from l3rs.meta.runner import initial_psi
-    from l3rs.optim import psi_to_vector
+    from l3rs.meta.runner import initial_meta
+    from l3rs.optim import meta_to_vector
     from l3rs.service.driver import resolve_paths
     from l3rs.service.pool import ElasticPool, WorkUnit
     from l3rs.service.raycluster import init_local
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     init_local(num_cpus=2, include_dashboard=False)
-    vec = np.asarray(psi_to_vector(initial_psi(cfg)), np.float32)
+    vec = np.asarray(meta_to_vector(initial_meta(cfg)), np.float32)
     rng = np.random.default_rng(0)
 
     def units(gen: int) -> list[Any]:

@@ -1,8 +1,10 @@
-"""The trained-ψ artifact: ``psi.msgpack`` (flax serialization of ψ) + ``metadata.json`` describing it.
+"""The trained-ψ artifact: ``psi.msgpack`` (flax serialization of the meta-parameters) + ``metadata.json``.
 
-The metadata carries everything needed to use ψ correctly: the L3RSConfig, the layer paths the embeddings belong to,
-model, dataset, K range, generations, fitness, a sha256 of ``psi.msgpack`` and library versions. Loading verifies
-the checksum; using it on a model whose layers do not match is a clear error.
+ψ is what NES meta-trained: L3RS's ψ, or the meta-parameters of another learned-optimizer family (FC-LOpt, VeLO);
+``metadata["optimizer"]["family"]`` says which. The metadata carries everything needed to use ψ correctly: the family
+config, the layer paths L3RS's embeddings belong to, model, dataset, K range, generations, fitness, a sha256 of
+``psi.msgpack`` and library versions. Loading verifies the checksum; using an L3RS ψ on a model whose layers do not
+match is a clear error.
 
     tx = l3rs.load("runs/fmnist-default/psi", total_steps=500, params=params)
     opt_state = tx.init(params)
@@ -22,7 +24,7 @@ import optax
 from flax import serialization
 
 from l3rs import storage
-from l3rs.optim import Direction, L3RSConfig, Psi, init_psi, l3rs, layer_paths
+from l3rs.optim import Direction, family_from_dict, layer_paths
 
 __all__ = ["FORMAT", "save_artifact", "load_psi", "load", "verify_artifact"]
 
@@ -31,22 +33,7 @@ PSI_FILE = "psi.msgpack"
 META_FILE = "metadata.json"
 
 
-def _template(config: L3RSConfig, paths: list[str]) -> Psi:
-    """A ψ with the right structure for ``paths`` (values are overwritten on restore)."""
-    nested: dict[str, Any] = {}
-    for path in paths:
-        node = nested
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = np.zeros((), np.float32)
-    template = init_psi(config, nested, jax.random.key(0))
-    if list(template.layer_paths) != list(paths):
-        raise ValueError("artifact: could not rebuild the layer structure from metadata.layer_paths.")
-    return template
-
-
-def save_artifact(uri: str, psi: Psi, config: L3RSConfig, meta: dict[str, Any]) -> dict[str, Any]:
+def save_artifact(uri: str, psi: Any, config: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """Writes the artifact folder atomically file by file; ``metadata.json`` (with the checksum) goes last."""
     import flax
 
@@ -56,7 +43,7 @@ def save_artifact(uri: str, psi: Psi, config: L3RSConfig, meta: dict[str, Any]) 
     full_meta = {
         "format": FORMAT,
         "optimizer": config.to_dict(),
-        "layer_paths": list(psi.layer_paths),
+        "layer_paths": list(getattr(psi, "layer_paths", ())),
         "psi_size": int(sum(np.size(x) for x in jax.tree.leaves(psi))),
         **meta,
         "sha256": hashlib.sha256(blob).hexdigest(),
@@ -87,21 +74,24 @@ def verify_artifact(uri: str) -> dict[str, Any]:
     return meta
 
 
-def load_psi(uri: str, *, directions: tuple[str | Direction, ...] | None = None) -> tuple[Psi, L3RSConfig, dict]:
-    """Reads and verifies an artifact; returns (ψ, its L3RSConfig, metadata).
+def load_psi(uri: str, *, directions: tuple[str | Direction, ...] | None = None) -> tuple[Any, Any, dict]:
+    """Reads and verifies an artifact; returns (ψ, its family config such as :class:`l3rs.L3RSConfig`, metadata).
 
     ``directions`` supplies the :class:`l3rs.Direction` objects for custom (non built-in) directions, which the
     metadata records by name only.
     """
     meta = verify_artifact(uri)
     opt = dict(meta["optimizer"])
-    if directions is not None:
+    if directions is not None and "directions" in opt:
         names = [d if isinstance(d, str) else d.name for d in directions]
         if names != list(opt["directions"]):
             raise ValueError(f"directions: {names} do not match the artifact's {opt['directions']}.")
         opt["directions"] = tuple(directions)
-    config = L3RSConfig.from_dict(opt)
-    template = _template(config, meta["layer_paths"])
+    try:
+        config = family_from_dict(opt)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"artifact: {uri!r} has an optimizer config this version cannot read: {e}") from None
+    template = config.template(tuple(meta.get("layer_paths", ())))
     state = serialization.msgpack_restore(storage.read_bytes(storage.join(uri, PSI_FILE)))
     psi = serialization.from_state_dict(template, state)
     psi = jax.tree.map(lambda x: np.asarray(x, np.float32), psi)
@@ -115,7 +105,7 @@ def load(
     *,
     directions: tuple[str | Direction, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """A ready L3RS optimizer from a trained artifact.
+    """A ready optimizer from a trained artifact (L3RS, or whichever learned-optimizer family it holds).
 
     Args:
       uri: the artifact folder (``<storage>/<run>/psi`` or what ``l3rs fetch`` wrote).
@@ -123,7 +113,7 @@ def load(
       params: optional; if given, refuse now (not at the first update) a model whose layers ψ does not know.
     """
     psi, config, meta = load_psi(uri, directions=directions)
-    if params is not None:
+    if params is not None and getattr(psi, "layer_paths", None) is not None:
         known = set(psi.layer_paths)
         missing = [p for p in layer_paths(params) if p not in known]
         if missing:
@@ -132,4 +122,4 @@ def load(
                 f"{meta.get('model')!r}): unknown layers {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
                 f"The artifact knows {len(known)} layers such as {list(psi.layer_paths[:3])}."
             )
-    return l3rs(psi, config, total_steps)
+    return config.build(psi, total_steps)

@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--settings", default=None, help='subset of settings, e.g. "AB" or "A,C"')
+    p.add_argument(
+        "--velo-og", default=None, metavar="FILE", help="a downloaded VeLO checkpoint (hyper_v2): adds VeLO (og) rows"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = with_config(sub.add_parser("demo", help="the whole story on the embedded default data"))

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from l3rs.optim.config import L3RSConfig
+from l3rs.optim import L3RSConfig, LearnedOptimizerConfig, family_from_dict
 
 __all__ = [
     "Config",
@@ -228,7 +228,7 @@ class Config:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     pretrain: PretrainSection = dataclasses.field(default_factory=PretrainSection)
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
-    optimizer: L3RSConfig = dataclasses.field(default_factory=L3RSConfig)
+    optimizer: LearnedOptimizerConfig = dataclasses.field(default_factory=L3RSConfig)
     nes: NESSection = dataclasses.field(default_factory=NESSection)
     workers: WorkersSection = dataclasses.field(default_factory=WorkersSection)
     evaluate: EvaluateSection = dataclasses.field(default_factory=EvaluateSection)
@@ -269,7 +269,7 @@ class Config:
 
 
 def _asdict(section: Any) -> dict[str, Any]:
-    if isinstance(section, L3RSConfig):
+    if isinstance(section, LearnedOptimizerConfig):
         return section.to_dict()
     return dataclasses.asdict(section)
 
@@ -300,9 +300,9 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: expected a table, got {values!r}.")
-    if cls is L3RSConfig:
+    if section == "optimizer":
         try:
-            return L3RSConfig.from_dict(values)
+            return family_from_dict(values)
         except (TypeError, ValueError) as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith("optimizer") else f"optimizer: {msg}") from None

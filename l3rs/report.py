@@ -52,7 +52,9 @@ FILES = {
 }
 GROUP_LABELS = {
     "l3rs": "L3RS",
-    "psi0": "L3RS ψ₀ (untrained)",
+    "fc_lopt": "FC-LOpt",
+    "velo": "VeLO",
+    "psi0": "ψ₀ (untrained)",
     "adam_cosine": "Adam (cosine)",
     "adam_const": "Adam (const)",
     "adam_cosine_head": "Adam (cosine, head only)",
@@ -311,7 +313,8 @@ def _setting_tables(name: str, s: dict[str, Any], report: dict[str, Any]) -> lis
     lines += ["Best Adam per K: " + "; ".join(f"K={k}: {v}" for k, v in zip(ks, best, strict=True)) + ".", ""]
     wins = s["wins_vs_best_adam"]
     lines += [
-        f"Per task, L3RS vs best Adam (wins / ties / losses of {n_tasks} tasks; best Adam's variant fixed per K):",
+        f"Per task, each learned optimizer vs best Adam (wins / ties / losses of {n_tasks} tasks; best Adam's "
+        "variant fixed per K):",
         "",
         _md_table(
             ["Optimizer", *_k_header(ks, k_max)],
@@ -334,11 +337,11 @@ def _speedup_lines(report: dict[str, Any], setting: str | None) -> list[str]:
         return []
     rows = report["speedup"]["by_setting"].get(setting, {})
     lines = [
-        f"## F. Speedup of L3RS over best Adam (setting {setting})",
+        f"## F. Speedup of the learned optimizers over best Adam (setting {setting})",
         "",
-        "For each K of the grid: the mean accuracy best Adam reaches at K, the steps L3RS needs to reach the same mean "
-        "accuracy (its mean-accuracy curve interpolated linearly in log K) and the speedup K_Adam / K_L3RS. "
-        '"≥": L3RS is already there at the first K of the grid; "never": not within the grid.',
+        "For each K of the grid: the mean accuracy best Adam reaches at K, the steps the learned optimizer needs to "
+        "reach the same mean accuracy (its mean-accuracy curve interpolated linearly in log K) and the speedup "
+        'K_Adam / K_learned. "≥": it is already there at the first K of the grid; "never": not within the grid.',
         "",
     ]
     for name, table in rows.items():
@@ -350,7 +353,7 @@ def _speedup_lines(report: dict[str, Any], setting: str | None) -> list[str]:
                 k_l3rs = ("≤ " if r["bound"] == ">=" else "") + f"{r['k_l3rs']:.1f}"
                 sp = ("≥ " if r["bound"] == ">=" else "") + f"{r['speedup']:.2f}×"
             body.append([str(r["k_baseline"]), f"{100 * r['level']:.2f}", k_l3rs, sp])
-        lines += [f"{name}:", "", _md_table(["best Adam K", "accuracy level (%)", "L3RS K", "speedup"], body), ""]
+        lines += [f"{name}:", "", _md_table(["best Adam K", "accuracy level (%)", f"{name} K", "speedup"], body), ""]
     return lines
 
 
@@ -475,6 +478,9 @@ def _style(name: str, group: str, index: int) -> dict[str, Any]:
     }
     if group == "l3rs":
         return {"color": palette[index % len(palette)], "ls": "-", "marker": "o", "lw": 2.2}
+    if group in ("fc_lopt", "velo"):  # the other learned optimizers: as bold, but dashed and in their own colours
+        other = {"fc_lopt": "tab:olive", "velo": "tab:brown"}[group]
+        return {"color": other, "ls": "-.", "marker": "^" if group == "velo" else "P", "lw": 2.0}
     return {**styles.get(group, {"color": "gray", "ls": "-", "marker": "."}), "lw": 1.3}
 
 
@@ -509,7 +515,7 @@ def plot_meta_evaluation(report: dict[str, Any], uri: str) -> None:
     settings = report["settings"]
     k_range = report["meta"]["meta_train_k_range"]
     groups = {o["name"]: o["group"] for o in report["optimizers"]}
-    l3rs_rows = [o["name"] for o in report["optimizers"] if o["kind"] == "l3rs"]
+    l3rs_rows = [o["name"] for o in report["optimizers"] if o["kind"] == "learned"]
     n_panels = len(settings) + 1
     cols = min(3, n_panels)
     rows = math.ceil(n_panels / cols)
@@ -599,7 +605,7 @@ def plot_baselines(report: dict[str, Any], uri: str) -> None:
     opts = report["optimizers"]
     fams = [f for f in ("adam_cosine", "adam_const", "adam_cosine_head", "adam_const_head")
             if any(o["group"] == f for o in opts)]  # fmt: skip
-    l3rs_rows = [o for o in opts if o["kind"] == "l3rs"]
+    l3rs_rows = [o for o in opts if o["kind"] == "learned"]
     fig, axes = plt.subplots(len(settings), len(fams), figsize=(4.6 * len(fams), 3.6 * len(settings)), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for r, (name, s) in enumerate(settings.items()):

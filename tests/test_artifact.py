@@ -81,3 +81,21 @@ def test_wrong_model_and_corruption_are_refused(model, tmp_path):
         l3rs.load(str(tmp_path / "psi"), total_steps=10)
     with pytest.raises(ValueError, match="artifact folder"):
         l3rs.load(str(tmp_path / "nothing-here"), total_steps=10)
+
+
+def test_artifact_written_before_families_still_loads(model, tmp_path):
+    """docs/demo/psi was written before learned-optimizer families: its optimizer dict has no "family" key. It must
+    still load as L3RS, and the demo's ψ gives finite updates on the model it was meta-trained for."""
+    import pathlib
+    import shutil
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "docs" / "demo" / "psi"
+    assert "family" not in json.loads((src / "metadata.json").read_text())["optimizer"]
+    shutil.copytree(src, tmp_path / "psi")
+    _, params = model
+    psi, config, _ = l3rs.load_psi(str(tmp_path / "psi"))
+    assert isinstance(config, l3rs.L3RSConfig) and config.to_dict()["family"] == "l3rs"
+    tx = l3rs.load(str(tmp_path / "psi"), total_steps=50, params=params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

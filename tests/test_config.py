@@ -27,6 +27,7 @@ def test_embedded_default_is_valid_and_round_trips():
         ({"task": {"num_classes": 6}}, "task.num_classes"),  # fashion-mnist has 5 task classes
         ({"optimizer": {"directions": ["adam", "adagrad_typo"]}}, "optimizer.directions"),
         ({"optimizer": {"init_lr": "3e-3"}}, "optimizer.init_lr"),
+        ({"optimizer": {"family": "velo_typo"}}, "optimizer.family"),
         ({"nes": {"sigma": -0.1}}, "nes.sigma"),
         ({"nes": {"sigmaa": 0.1}}, "nes.sigmaa"),
         ({"workers": {"min_workers": 3, "max_workers": 2}}, "workers.min_workers"),

@@ -95,7 +95,7 @@ def test_cosine_schedule_values():
 
 def test_summarize_setting_best_adam_and_rows():
     opts = [
-        ev.OptimizerSpec("L3RS", "l3rs", "l3rs"),
+        ev.OptimizerSpec("L3RS", "learned", "l3rs"),
         ev.OptimizerSpec("Adam (const), 1e-2", "adam", "adam_const", schedule="constant", learning_rate=1e-2),
         ev.OptimizerSpec("Adam (cosine), 1e-2", "adam", "adam_cosine", schedule="cosine", learning_rate=1e-2),
     ]

@@ -10,7 +10,7 @@ import pytest
 
 from l3rs import models
 from l3rs.data import normalize
-from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, cosine_schedule, l3rs_optimizer_fn
+from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, cosine_schedule, learned_optimizer_fn
 from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task, task_header, task_seed
 from l3rs.optim import L3RSConfig, init_psi, psi_to_vector
 
@@ -94,7 +94,7 @@ def test_l3rs_inner_loop_head_only_and_divergence(setup):
     psi = init_psi(config, variables["params"], jax.random.key(0))
     vec = np.asarray(psi_to_vector(psi))
     task = sample_task(7, DIST, pool)
-    loop = InnerLoop(module, variables, pool, l3rs_optimizer_fn(config, psi), num_classes=3)
+    loop = InnerLoop(module, variables, pool, learned_optimizer_fn(config, psi), num_classes=3)
     out = jax.device_get(loop.run_arrays(vec, task, num_steps=8))
     assert np.isfinite(out["loss"]) and 0 <= out["accuracy"] <= 1
     # A candidate whose λ is absurd diverges: the loss is non-finite or huge, but nothing raises.
@@ -102,13 +102,13 @@ def test_l3rs_inner_loop_head_only_and_divergence(setup):
     bad = jax.device_get(loop.run_arrays(wild, task, num_steps=8))
     assert not np.isfinite(bad["loss"]) or bad["loss"] > 10 * out["loss"]
     # vmapped pair == one at a time.
-    pair_loop = InnerLoop(module, variables, pool, l3rs_optimizer_fn(config, psi), num_classes=3,
+    pair_loop = InnerLoop(module, variables, pool, learned_optimizer_fn(config, psi), num_classes=3,
                           vmap_candidates=True)  # fmt: skip
     pair = jax.device_get(pair_loop(np.stack([vec, vec * 0.9]), task))
     single = jax.device_get(loop.run_arrays(vec * 0.9, task))
     np.testing.assert_allclose(pair["loss"][1], single["loss"], rtol=1e-4)
     # Head-only: the body of the network does not move, so the loss differs from full fine-tuning.
-    head_loop = InnerLoop(module, variables, pool, l3rs_optimizer_fn(config, psi), num_classes=3,
+    head_loop = InnerLoop(module, variables, pool, learned_optimizer_fn(config, psi), num_classes=3,
                           train_scope="head")  # fmt: skip
     head = jax.device_get(head_loop.run_arrays(vec, task, num_steps=8))
     assert np.isfinite(head["loss"]) and head["loss"] != pytest.approx(out["loss"], rel=1e-6)

@@ -165,9 +165,10 @@ class Artifact:
 
     label: str
     uri: str
-    psi: Any
-    config: Any  # L3RSConfig
+    psi: Any  # the meta-parameters (ψ for L3RS)
+    config: Any  # a learned-optimizer family config (l3rs.L3RSConfig, l3rs.FCLoptConfig, l3rs.VeLOConfig)
     meta: dict[str, Any]
+    train_scope: str | None = None  # overrides the artifact's meta["train_scope"] (VeLO (og, head))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -175,18 +176,18 @@ class OptimizerSpec:
     """One optimizer row of the tables.
 
     Attributes:
-      name: the row label ("L3RS", "L3RS ψ₀", "Adam (cosine), 1e-3", "Adam (const, head), 1e-3", ...).
-      kind: ``"l3rs"`` or ``"adam"``.
-      group: the line family in the plots (``"l3rs"``, ``"psi0"``, ``"adam_cosine"``, ``"adam_const"``,
-        ``"adam_cosine_head"``, ``"adam_const_head"``).
+      name: the row label ("L3RS", "L3RS ψ₀", "FC-LOpt", "VeLO (ft)", "Adam (cosine), 1e-3", ...).
+      kind: ``"learned"`` (any learned-optimizer family) or ``"adam"``.
+      group: the line family in the plots (the learned family's name such as ``"l3rs"`` or ``"velo"``, ``"psi0"``,
+        ``"adam_cosine"``, ``"adam_const"``, ``"adam_cosine_head"``, ``"adam_const_head"``).
       train_scope: ``"all"`` or ``"head"``.
-      schedule: Adam's ``"constant"`` or ``"cosine"`` schedule (None for L3RS).
-      learning_rate: Adam's (peak) learning rate (None for L3RS).
-      psi, config: L3RS's ψ (numpy leaves) and its L3RSConfig (None for Adam).
+      schedule: Adam's ``"constant"`` or ``"cosine"`` schedule (None for learned optimizers).
+      learning_rate: Adam's (peak) learning rate (None for learned optimizers).
+      psi, config: a learned optimizer's meta-parameters (numpy leaves) and its family config (None for Adam).
     """
 
     name: str
-    kind: Literal["l3rs", "adam"]
+    kind: Literal["learned", "adam"]
     group: str
     train_scope: str = "all"
     schedule: str | None = None
@@ -203,16 +204,16 @@ class OptimizerSpec:
         if self.kind == "adam":
             return ("adam", self.schedule, self.train_scope)
         shapes = tuple(np.shape(x) for x in _tree_leaves(self.psi))
-        return ("l3rs", json.dumps(self.config.to_dict(), sort_keys=True), self.psi.layer_paths, shapes,
-                self.train_scope)  # fmt: skip
+        paths = getattr(self.psi, "layer_paths", ())
+        return ("learned", json.dumps(self.config.to_dict(), sort_keys=True), paths, shapes, self.train_scope)
 
     def params(self) -> np.ndarray:
-        """The traced optimizer parameters: the flat ψ vector, or Adam's learning rate."""
+        """The traced optimizer parameters: the flat meta-parameter vector, or Adam's learning rate."""
         if self.kind == "adam":
             return np.float32(self.learning_rate)
-        from l3rs.optim import psi_to_vector
+        from l3rs.optim import meta_to_vector
 
-        return np.asarray(psi_to_vector(self.psi), np.float32)
+        return np.asarray(meta_to_vector(self.psi), np.float32)
 
 
 def _tree_leaves(tree: Any) -> list[Any]:
@@ -227,25 +228,54 @@ def format_lr(lr: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
+def artifact_label(config: Any, meta: dict[str, Any]) -> str:
+    """The report row of an artifact: the family's label; VeLO meta-trained by this service is "VeLO (ft)"."""
+    if meta.get("label"):
+        return str(meta["label"])
+    return f"{config.label} (ft)" if config.family == "velo" else config.label
+
+
 def load_artifacts(uris: Sequence[str]) -> list[Artifact]:
-    """Loads and verifies ψ artifacts; labels are "L3RS" for one, "L3RS (<run name>)" for several."""
+    """Loads and verifies ψ artifacts of any learned-optimizer family.
+
+    Rows are labelled by family ("L3RS", "FC-LOpt", "VeLO (ft)"); two artifacts of one family are told apart by
+    their run names ("L3RS (<run name>)").
+    """
     from l3rs.artifact import load_psi
 
     loaded = []
     for uri in uris:
         psi, config, meta = load_psi(uri)
         loaded.append((uri, psi, config, meta))
+    bases = [artifact_label(c, m) for _, _, c, m in loaded]
     labels: list[str] = []
     for i, (uri, _, _, meta) in enumerate(loaded):
-        if len(loaded) == 1:
-            label = "L3RS"
-        else:
-            base = meta.get("run_name") or os.path.basename(os.path.normpath(os.path.dirname(uri.rstrip("/"))))
-            label = f"L3RS ({base})"
+        label = bases[i]
+        if bases.count(label) > 1:
+            run = meta.get("run_name") or os.path.basename(os.path.normpath(os.path.dirname(uri.rstrip("/"))))
+            label = f"{bases[i]} ({run})"
             if label in labels:
-                label = f"L3RS ({base} #{i + 1})"
+                label = f"{bases[i]} ({run} #{i + 1})"
         labels.append(label)
     return [Artifact(lab, u, p, c, m) for lab, (u, p, c, m) in zip(labels, loaded, strict=True)]
+
+
+def velo_og_artifacts(path: str) -> list[Artifact]:
+    """VeLO (og): the published VeLO weights (a learned_optimization ``hyper_v2`` checkpoint file the user has
+    downloaded) as two rows, fine-tuning the whole network and only the head (the paper's "VeLO (og, head)")."""
+    import jax
+
+    from l3rs.optim.velo_checkpoint import load_hyper_v2
+
+    theta, config = load_hyper_v2(path)
+    theta = jax.tree.map(np.asarray, theta)
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    meta = {"label": "VeLO (og)", "source": "learned_optimization hyper_v2 checkpoint", "sha256": sha}
+    return [
+        Artifact("VeLO (og)", path, theta, config, meta, train_scope="all"),
+        Artifact("VeLO (og, head)", path, theta, config, {**meta, "label": "VeLO (og, head)"}, train_scope="head"),
+    ]
 
 
 def _model_params_shapes(cfg: Config) -> Any:
@@ -265,15 +295,15 @@ def _model_params_shapes(cfg: Config) -> Any:
 def build_optimizers(cfg: Config, artifacts: Sequence[Artifact]) -> list[OptimizerSpec]:
     """The rows under test, in table order: the artifacts, ψ₀, Adam (cosine), Adam (const), and head-only Adam.
 
-    ψ₀ is ``init_psi`` with the first artifact's L3RSConfig (``cfg.optimizer`` without artifacts) and
-    ``run.seed``: the point meta-training starts from.
+    ψ₀ is the start of meta-training (``config.init`` with ``run.seed``) of the first artifact's family
+    (``cfg.optimizer`` without artifacts).
 
     Raises:
       ValueError: an artifact was meta-trained for another model or other layers than ``model.name``.
     """
     import jax
 
-    from l3rs.optim import init_psi, layer_paths
+    from l3rs.optim import layer_paths
 
     for art in artifacts:
         model = art.meta.get("model")
@@ -285,16 +315,19 @@ def build_optimizers(cfg: Config, artifacts: Sequence[Artifact]) -> list[Optimiz
     paths = layer_paths(shapes)
     specs = []
     for art in artifacts:
-        missing = [p for p in paths if p not in set(art.psi.layer_paths)]
+        known = getattr(art.psi, "layer_paths", None)  # None: a model-agnostic family
+        missing = [p for p in paths if known is not None and p not in set(known)]
         if missing:
             raise ValueError(
                 f"psi: the artifact at {art.uri!r} does not know the layers {missing[:5]} of {cfg.model.name!r}."
             )
-        scope = art.meta.get("train_scope", cfg.task.train_scope)
-        specs.append(OptimizerSpec(art.label, "l3rs", "l3rs", scope, psi=art.psi, config=art.config))
+        scope = art.train_scope or art.meta.get("train_scope", cfg.task.train_scope)
+        group = art.config.family
+        specs.append(OptimizerSpec(art.label, "learned", group, scope, psi=art.psi, config=art.config))
     config0 = artifacts[0].config if artifacts else cfg.optimizer
-    psi0 = jax.tree.map(np.asarray, init_psi(config0, shapes, jax.random.key(cfg.run.seed)))
-    specs.append(OptimizerSpec("L3RS ψ₀", "l3rs", "psi0", cfg.task.train_scope, psi=psi0, config=config0))
+    psi0 = jax.tree.map(np.asarray, config0.init(shapes, jax.random.key(cfg.run.seed)))
+    specs.append(OptimizerSpec(f"{config0.label} ψ₀", "learned", "psi0", cfg.task.train_scope, psi=psi0,
+                               config=config0))  # fmt: skip
     scopes = ("all", "head") if cfg.evaluate.head_only_baselines else ("all",)
     for scope in scopes:
         for schedule, short in (("cosine", "cosine"), ("constant", "const")):
@@ -333,7 +366,7 @@ class _SettingRunner:
     """θ0, the setting's task images and one compiled inner loop per optimizer family."""
 
     def __init__(self, cfg: Config, setting: SettingSpec, optimizers: Sequence[OptimizerSpec]) -> None:
-        from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, l3rs_optimizer_fn
+        from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, learned_optimizer_fn
         from l3rs.meta.runner import load_theta0, model_for
         from l3rs.meta.tasks import load_task_pool
 
@@ -349,7 +382,7 @@ class _SettingRunner:
             key = o.family()
             if key in self.loops:
                 continue
-            fn = l3rs_optimizer_fn(o.config, o.psi) if o.kind == "l3rs" else adam_optimizer_fn(o.schedule)
+            fn = learned_optimizer_fn(o.config, o.psi) if o.kind == "learned" else adam_optimizer_fn(o.schedule)
             self.loops[key] = InnerLoop(
                 module, variables0, self.pool, fn, num_classes=cfg.task.num_classes, train_scope=o.train_scope
             )
@@ -513,7 +546,7 @@ def trace_layer_stats(
     from l3rs.models import fresh_head, head_mask
     from l3rs.optim import L3RSState, l3rs, layer_paths, layer_stats
 
-    if optimizer.kind != "l3rs":
+    if optimizer.kind != "learned" or optimizer.config.family != "l3rs":
         raise ValueError(f"trace_layer_stats: {optimizer.name!r} is not an L3RS optimizer.")
     spec = setting_spec(cfg, setting)
     dist = eval_distribution(cfg, spec.dataset, num_steps)
@@ -919,6 +952,7 @@ def run_evaluation(
     workers: int | None = None,
     progress: bool = True,
     history: str | None = None,
+    velo_og: str | None = None,
 ) -> dict[str, Any]:
     """Meta-evaluates ψ artifacts against Adam baselines and writes the report (``report.md``, ``report.csv``,
     ``report.json``, figures) to ``out``.
@@ -937,6 +971,8 @@ def run_evaluation(
         ``if __name__ == "__main__":`` in a script.
       progress: tqdm bars per setting.
       history: the run's ``history.jsonl`` (default: next to the first artifact, if there).
+      velo_og: a downloaded VeLO checkpoint (learned_optimization ``hyper_v2`` format): adds the rows "VeLO (og)"
+        and "VeLO (og, head)" (:func:`velo_og_artifacts`).
 
     Returns:
       The report dict (what ``report.json`` holds).
@@ -953,6 +989,8 @@ def run_evaluation(
     workers = int(workers)
     psi_dirs = [_absolute(p) for p in psi_dirs]
     artifacts = load_artifacts(psi_dirs)
+    if velo_og:
+        artifacts += velo_og_artifacts(velo_og)
     optimizers = build_optimizers(cfg, artifacts)
     specs, skipped = _plan_settings(cfg, settings)
     for message in skipped.values():
@@ -1024,6 +1062,7 @@ def run_evaluation_cli(args: Any, cfg: Config) -> int:
             tasks=getattr(args, "tasks", None),
             settings=settings,
             workers=getattr(args, "workers", None),
+            velo_og=getattr(args, "velo_og", None),
         )
     except ValueError as e:  # bad artifacts / checkpoints: a clear message, not a traceback
         if isinstance(e, ConfigError):

@@ -21,7 +21,7 @@ from l3rs.meta.tasks import Task, TaskPool
 __all__ = [
     "OptimizerFn",
     "InnerLoop",
-    "l3rs_optimizer_fn",
+    "learned_optimizer_fn",
     "adam_optimizer_fn",
     "cosine_schedule",
     "head_only",
@@ -31,12 +31,16 @@ __all__ = [
 OptimizerFn = Callable[[Any, jax.Array], optax.GradientTransformationExtraArgs]
 
 
-def l3rs_optimizer_fn(config, psi_template) -> OptimizerFn:
-    """L3RS(ψ) where ψ arrives as a flat vector (NES candidates)."""
-    from l3rs.optim import l3rs, vector_to_psi
+def learned_optimizer_fn(config, template) -> OptimizerFn:
+    """A learned optimizer of any family whose meta-parameters arrive as a flat vector (NES candidates).
 
-    def make(psi_vector: jax.Array, total_steps: jax.Array) -> optax.GradientTransformationExtraArgs:
-        return l3rs(vector_to_psi(psi_vector, psi_template), config, total_steps)
+    ``config`` is the family config (``l3rs.L3RSConfig``, ...), ``template`` a meta-parameter pytree giving the
+    structure (e.g. ``config.init(params, key)``).
+    """
+    from l3rs.optim import vector_to_meta
+
+    def make(meta_vector: jax.Array, total_steps: jax.Array) -> optax.GradientTransformationExtraArgs:
+        return config.build(vector_to_meta(meta_vector, template), total_steps)
 
     return make
 

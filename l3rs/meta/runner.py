@@ -12,10 +12,10 @@ import jax
 import numpy as np
 
 from l3rs.config import Config
-from l3rs.meta.inner import InnerLoop, l3rs_optimizer_fn
+from l3rs.meta.inner import InnerLoop, learned_optimizer_fn
 from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
 
-__all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_psi", "model_for"]
+__all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_meta", "model_for"]
 
 
 def task_distribution(cfg: Config, stage: str = "meta_train", *, k_min: int | None = None, k_max: int | None = None):
@@ -56,20 +56,20 @@ def load_theta0(cfg: Config, checkpoint: str | None = None) -> tuple[dict[str, A
     return variables, meta
 
 
-def initial_psi(cfg: Config):
-    """ψ₀ for this run's model (only the layer paths of the model matter; no model compute is done)."""
+def initial_meta(cfg: Config):
+    """The start of meta-training, ``cfg.optimizer.init`` for this run's model (ψ₀ for L3RS). Only the model's layer
+    paths and shapes matter; no model compute is done."""
     from l3rs.data import get_spec
     from l3rs.models import init_variables
-    from l3rs.optim import init_psi
 
     spec = get_spec(cfg.data.dataset)
     module = model_for(cfg)
     shapes = jax.eval_shape(lambda k: init_variables(module, k, spec.image_shape), jax.random.key(0))
-    return init_psi(cfg.optimizer, shapes["params"], jax.random.key(cfg.run.seed))
+    return cfg.optimizer.init(shapes["params"], jax.random.key(cfg.run.seed))
 
 
 class TaskRunner:
-    """Evaluates candidate ψ vectors on meta-training tasks.
+    """Evaluates candidate meta-parameter vectors (ψ for L3RS) on meta-training tasks.
 
     Args:
       cfg: the validated run config.
@@ -84,13 +84,13 @@ class TaskRunner:
         self.dist = task_distribution(cfg, stage)
         self.pool = load_task_pool(self.dist)
         variables0, self.theta0_meta = load_theta0(cfg)
-        self.psi_template = initial_psi(cfg)
+        self.meta_template = initial_meta(cfg)
         self.vmap_candidates = vmap_candidates
         self.loop = InnerLoop(
             model_for(cfg),
             variables0,
             self.pool,
-            l3rs_optimizer_fn(cfg.optimizer, self.psi_template),
+            learned_optimizer_fn(cfg.optimizer, self.meta_template),
             num_classes=cfg.task.num_classes,
             train_scope=cfg.task.train_scope,
             vmap_candidates=vmap_candidates,

@@ -5,6 +5,15 @@ Depends on jax/optax/flax only; knows nothing of tasks, data or Ray.
 
 from l3rs.optim.config import VARIANTS, L3RSConfig
 from l3rs.optim.directions import BUILTIN_DIRECTIONS, Direction, resolve_direction
+from l3rs.optim.family import (
+    FAMILIES,
+    LearnedOptimizerConfig,
+    family_from_dict,
+    meta_size,
+    meta_to_vector,
+    register_family,
+    vector_to_meta,
+)
 from l3rs.optim.l3rs import (
     L3RSState,
     Psi,
@@ -18,6 +27,13 @@ from l3rs.optim.l3rs import (
 )
 
 __all__ = [
+    "FAMILIES",
+    "LearnedOptimizerConfig",
+    "family_from_dict",
+    "meta_size",
+    "meta_to_vector",
+    "register_family",
+    "vector_to_meta",
     "BUILTIN_DIRECTIONS",
     "VARIANTS",
     "Direction",

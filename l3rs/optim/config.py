@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from l3rs.optim.directions import Direction, resolve_direction
+from l3rs.optim.family import register_family
 
 __all__ = ["L3RSConfig", "VARIANTS"]
 
@@ -27,6 +28,7 @@ def _default_betas() -> tuple[float, ...]:
     return tuple(float(b) for b in np.logspace(-4.0, -1.0, 4))
 
 
+@register_family
 @dataclasses.dataclass(frozen=True)
 class L3RSConfig:
     """Everything that fixes the *shape* of ψ and the meaning of its entries.
@@ -52,6 +54,9 @@ class L3RSConfig:
         ``lambda_skip=False``; both are the same function class, the skip only makes ψ₀ = Adam(init_lr) exact.
       eps: added inside every log-norm and norm division.
     """
+
+    family: ClassVar[str] = "l3rs"
+    label: ClassVar[str] = "L3RS"
 
     directions: tuple[str | Direction, ...] = ("adam", "sgd")
     hidden_sizes: tuple[int, ...] = (32, 16)
@@ -160,17 +165,55 @@ class L3RSConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for artifacts). Custom :class:`Direction` objects are recorded by name only."""
-        d = dataclasses.asdict(self)
+        d = {"family": self.family, **dataclasses.asdict(self)}
         d["directions"] = list(self.direction_names)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> L3RSConfig:
+        d = dict(d)
+        if d.pop("family", cls.family) != cls.family:
+            raise ValueError(f"optimizer.family: this is an {cls.family!r} config.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"optimizer: unknown field(s) {unknown}; known: {sorted(known)}.")
+            raise ValueError(f"optimizer: unknown field(s) {unknown}; known: {sorted(known | {'family'})}.")
         return cls(**d)
+
+    # ---------------------------------------------------------------- the learned-optimizer family interface
+    def init(self, params: Any, key: Any) -> Any:
+        """ψ₀ for a model with these params (:func:`l3rs.init_psi`)."""
+        from l3rs.optim.l3rs import init_psi
+
+        return init_psi(self, params, key)
+
+    def template(self, layer_paths: tuple[str, ...]) -> Any:
+        """A ψ of the right structure for ``layer_paths`` (values irrelevant): for restoring artifacts."""
+        from l3rs.optim.l3rs import init_psi
+
+        nested: dict[str, Any] = {}
+        for path in layer_paths:
+            node = nested
+            *parents, leaf = path.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = np.zeros((), np.float32)
+        psi = init_psi(self, nested, _key0())
+        if list(psi.layer_paths) != list(layer_paths):
+            raise ValueError("optimizer: could not rebuild ψ's layer structure from the layer paths.")
+        return psi
+
+    def build(self, meta_params: Any, total_steps: Any) -> Any:
+        """The optimizer :func:`l3rs.l3rs` (ψ = ``meta_params``)."""
+        from l3rs.optim.l3rs import l3rs
+
+        return l3rs(meta_params, self, total_steps)
+
+
+def _key0() -> Any:
+    import jax
+
+    return jax.random.key(0)
 
 
 def _check_number(name: str, value: object) -> None:

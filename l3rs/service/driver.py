@@ -29,7 +29,7 @@ from l3rs import storage
 from l3rs.checkpoint import load_latest_checkpoint, save_checkpoint
 from l3rs.config import Config, ConfigError
 from l3rs.meta import nes
-from l3rs.meta.runner import initial_psi, task_distribution
+from l3rs.meta.runner import initial_meta, task_distribution
 from l3rs.meta.tasks import task_header, task_seed
 
 __all__ = ["Driver", "TrainResult", "resolve_paths", "run_dir_for"]
@@ -143,14 +143,14 @@ class Driver:
 
     def _write_outputs(self, state: nes.NESState, history: list[dict[str, Any]], template) -> dict[str, Any]:
         from l3rs.artifact import save_artifact
-        from l3rs.optim import vector_to_psi
+        from l3rs.optim import vector_to_meta
         from l3rs.plots import plot_meta_training
 
         body = "".join(json.dumps(h) + "\n" for h in history)
         storage.write_bytes_atomic(storage.join(self.run_dir, "history.jsonl"), body.encode())
         if history:
             plot_meta_training(history, storage.join(self.run_dir, "plots", "meta_training.png"), self.cfg.run.name)
-        psi = vector_to_psi(state.mean, template)
+        psi = vector_to_meta(state.mean, template)
         last = history[-1] if history else {}
         return save_artifact(
             storage.join(self.run_dir, "psi"),
@@ -209,12 +209,12 @@ class Driver:
 
         ``pool``: an existing :class:`ElasticPool` to use (tests share one); by default one is made and shut down.
         """
-        from l3rs.optim import psi_to_vector
+        from l3rs.optim import meta_to_vector
         from l3rs.service.metrics import RunMetrics
 
         self._prepare_run_dir()
-        template = initial_psi(self.cfg)
-        state, history = self._load_or_init(np.asarray(psi_to_vector(template)))
+        template = initial_meta(self.cfg)
+        state, history = self._load_or_init(np.asarray(meta_to_vector(template)))
         total = self.cfg.nes.generations
         end = total if stop_after is None else min(total, state.generation + stop_after)
         metrics = RunMetrics(self.cfg.run.name)
