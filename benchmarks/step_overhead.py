@@ -1,7 +1,9 @@
-"""Per-step cost of L3RS against optax.adam and optax.sgd on the default CNN, and the size of its state.
+"""Per-step cost of L3RS, FC-LOpt and VeLO against optax.adam and optax.sgd on the default CNN, and the size of
+each optimizer's state (paper Table 1: state bytes / parameter bytes; SGD 0, Adam 2.0×, L3RS 2.0×, VeLO more).
 
 Goals (the issue): L3RS step time ≤ 1.10 × Adam's; optimizer state ≈ 2.0 × the parameters plus
-a few scalars per layer (paper Table 1: Adam 2.0×, L3RS 2.0×).
+a few scalars per layer. The learned baselines are measured in the same run with their default configs (what
+``jobs/configs/baselines`` meta-trains), each at its ψ₀.
 
 Measured in one run, on one CPU core, with the optimizers interleaved within each repeat; the median of
 ``--repeats`` runs of ``--steps`` steps each, for each optimizer:
@@ -66,10 +68,21 @@ def make_l3rs(params: Any, total_steps: int) -> optax.GradientTransformationExtr
     return l3rs.l3rs(psi, config, total_steps)
 
 
+def make_family(config: Any) -> Maker:
+    """Any learned-optimizer family at its ψ₀ (``config.init``)."""
+
+    def make(params: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:
+        return config.build(config.init(params, jax.random.key(0)), total_steps)
+
+    return make
+
+
 OPTIMIZERS: dict[str, Maker] = {
     "adam": make_adam,
     "sgd": make_sgd,
     "l3rs": make_l3rs,
+    "fc_lopt": make_family(l3rs.FCLoptConfig()),
+    "velo": make_family(l3rs.VeLOConfig()),
 }
 BASELINE, SUBJECT = "adam", "l3rs"
 GOAL_STEP_TIME_RATIO = 1.10
@@ -227,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for name in names:
         result[f"state_ratio_{name}"] = state_bytes[name] / param_bytes
+        if BASELINE in ms:
+            result[f"step_time_ratio_{name}"] = ms[name]["python"] / ms[BASELINE]["python"]
     if BASELINE in ms and SUBJECT in ms:
         extra = state_bytes[SUBJECT] - 2 * param_bytes
         result.update(

@@ -260,8 +260,10 @@ class Config:
         """A copy with some sections replaced by dicts of overrides, e.g. ``cfg.replace(nes={"generations": 2})``."""
         new = {}
         for name, overrides in sections.items():
-            current = getattr(self, name)
-            new[name] = _build(type(current), {**_asdict(current), **overrides}, name)
+            current = _asdict(getattr(self, name))
+            if name == "optimizer" and overrides.get("family", current["family"]) != current["family"]:
+                current = {}  # another learned-optimizer family: its own defaults, not this one's fields
+            new[name] = _build(type(getattr(self, name)), {**current, **overrides}, name)
         return dataclasses.replace(self, **new).validate()
 
     def to_dict(self) -> dict[str, Any]:

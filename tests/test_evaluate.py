@@ -328,3 +328,22 @@ def test_refuses_bad_inputs_before_any_work(env, tmp_path, capsys):
     assert ev.run_evaluation_cli(args, cfg) == 2
     assert "no ψ artifact" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_velo_og_checkpoint_adds_its_rows_beside_the_artifacts(env, tmp_path):
+    """`l3rs evaluate --velo-og FILE`: a learned_optimization hyper_v2 file (written here by our own writer: the
+    published one cannot be downloaded offline) becomes the rows "VeLO (og)" and "VeLO (og, head)"."""
+    from l3rs.optim import VeLOConfig, save_hyper_v2
+
+    config = VeLOConfig(lstm_hidden_size=8, param_inits=2, adam_skip=False)
+    path = str(tmp_path / "velo_og.msgpack")
+    save_hyper_v2(path, config.init(None, jax.random.key(3)), config)
+    report = ev.run_evaluation(env["cfg"], [env["psi"]], out=str(tmp_path / "r"), tasks=1, settings=["A"], workers=1,
+                               progress=False, velo_og=path)  # fmt: skip
+    rows = {o["name"]: o for o in report["optimizers"]}
+    assert rows["VeLO (og)"]["train_scope"] == "all" and rows["VeLO (og, head)"]["train_scope"] == "head"
+    assert rows["VeLO (og)"]["kind"] == "learned" and rows["L3RS"]["kind"] == "learned"
+    accs = {r["optimizer"]: r["mean_acc"] for r in report["settings"]["A"]["rows"] if r["K"] == K_GRID[0]}
+    assert set(accs) >= {"L3RS", "VeLO (og)", "VeLO (og, head)"}
+    assert all(a is None or 0.0 <= a <= 1.0 for a in accs.values())
+    assert "VeLO (og, head)" in (tmp_path / "r" / "report.md").read_text()

@@ -242,3 +242,32 @@ def test_nan_candidates_rank_worst_and_do_not_break_the_run(cluster, tmp_path):
 
     psi, _, _ = l3rs.load_psi(result.psi_uri)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(psi))
+
+
+@pytest.mark.parametrize("family", ["fc_lopt", "velo"])
+def test_other_learned_optimizer_families_meta_train_through_the_same_service(cluster, tmp_path, family):
+    """Issue 5/6: FC-LOpt and VeLO (ft) are meta-trained by the same driver, pool and workers as L3RS; their artifact
+    says which family it holds, loads as an optax optimizer and moved away from ψ₀."""
+    import jax
+    import jax.numpy as jnp
+
+    import l3rs
+    from l3rs.meta.runner import initial_meta
+    from l3rs.models import create, init_variables
+
+    cfg = tiny_config(tmp_path, f"family-{family}").replace(nes={"generations": 2}, optimizer={"family": family})
+    result = Background(Driver(cfg, progress=False)).join()
+    rows = history(result)
+    assert [r["generation"] for r in rows] == [0, 1]
+    assert all(np.isfinite(r["fitness_mean"]) and r["nonfinite_candidates"] == 0 for r in rows)
+    psi, config, meta = l3rs.load_psi(result.psi_uri)
+    assert config.family == family and meta["optimizer"]["family"] == family
+    start = np.asarray(l3rs.meta_to_vector(initial_meta(cfg)))
+    trained = np.asarray(l3rs.meta_to_vector(psi))
+    assert trained.shape == start.shape and np.abs(trained - start).max() > 0
+    params = init_variables(create("small_cnn", num_classes=3), jax.random.key(0), (16, 16, 1))["params"]
+    tx = l3rs.load(result.psi_uri, total_steps=40, params=params)
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+    updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.1))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))

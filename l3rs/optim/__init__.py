@@ -14,6 +14,7 @@ from l3rs.optim.family import (
     register_family,
     vector_to_meta,
 )
+from l3rs.optim.fc_lopt import FCLoptConfig, FCLoptState, fc_lopt, init_fc_lopt
 from l3rs.optim.l3rs import (
     L3RSState,
     Psi,
@@ -25,8 +26,20 @@ from l3rs.optim.l3rs import (
     psi_to_vector,
     vector_to_psi,
 )
+from l3rs.optim.velo import VeLOConfig, VeLOState, init_velo, velo
+from l3rs.optim.velo_checkpoint import load_hyper_v2, save_hyper_v2
 
 __all__ = [
+    "VeLOConfig",
+    "VeLOState",
+    "init_velo",
+    "velo",
+    "load_hyper_v2",
+    "save_hyper_v2",
+    "FCLoptConfig",
+    "FCLoptState",
+    "fc_lopt",
+    "init_fc_lopt",
     "FAMILIES",
     "LearnedOptimizerConfig",
     "family_from_dict",
@@ -49,3 +62,5 @@ __all__ = [
     "resolve_direction",
     "vector_to_psi",
 ]
+
+register_family(FCLoptConfig)
