@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from l3rs.optim.directions import Direction, resolve_direction
-from l3rs.optim.family import register_family
+from l3rs.optim.family import config_from_dict, register_family
 
 __all__ = ["L3RSConfig", "VARIANTS"]
 
@@ -171,14 +171,7 @@ class L3RSConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> L3RSConfig:
-        d = dict(d)
-        if d.pop("family", cls.family) != cls.family:
-            raise ValueError(f"optimizer.family: this is an {cls.family!r} config.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"optimizer: unknown field(s) {unknown}; known: {sorted(known | {'family'})}.")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     # ---------------------------------------------------------------- the learned-optimizer family interface
     def init(self, params: Any, key: Any) -> Any:

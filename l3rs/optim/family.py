@@ -29,6 +29,7 @@ from jax.flatten_util import ravel_pytree
 __all__ = [
     "FAMILIES",
     "LearnedOptimizerConfig",
+    "config_from_dict",
     "family_from_dict",
     "meta_size",
     "meta_to_vector",
@@ -69,6 +70,21 @@ def family_from_dict(d: dict[str, Any]) -> LearnedOptimizerConfig:
     if name not in FAMILIES:
         raise ValueError(f"optimizer.family: {name!r} is not one of {sorted(FAMILIES)}.")
     return FAMILIES[name].from_dict(d)
+
+
+def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """``cls(**d)`` for a family config class, refusing another family's dict or unknown fields (named)."""
+    import dataclasses
+
+    d = dict(d)
+    family = d.pop("family", cls.family)
+    if family != cls.family:
+        raise ValueError(f"optimizer.family: {family!r} is not {cls.family!r}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"optimizer: unknown field(s) {unknown}; known: {sorted(known | {'family'})}.")
+    return cls(**d)
 
 
 def meta_to_vector(meta_params: Any) -> jax.Array:

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from l3rs.optim.family import config_from_dict
+
 __all__ = [
     "FCLoptConfig",
     "FCLoptState",
@@ -217,15 +219,7 @@ class FCLoptConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FCLoptConfig:
-        d = dict(d)
-        family = d.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"optimizer.family: {family!r} is not {cls.family!r}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"optimizer: unknown field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def init(self, params: Any, key: jax.Array) -> MetaParams:
         """θ₀ (model-agnostic: ``params`` is not used). With ``adam_skip`` it is Adam(init_lr)."""

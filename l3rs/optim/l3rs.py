@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.flatten_util import ravel_pytree
 
 from l3rs.optim.config import L3RSConfig
 from l3rs.optim.directions import constrain, unconstrain
+from l3rs.optim.family import meta_size, meta_to_vector, vector_to_meta
 
 __all__ = [
     "Psi",
@@ -129,21 +129,20 @@ def init_psi(config: L3RSConfig, params: Any, key: jax.Array) -> Psi:
 
 
 def psi_to_vector(psi: Psi) -> jax.Array:
-    """ψ as one flat float32 vector (what NES perturbs)."""
-    return ravel_pytree(psi)[0].astype(jnp.float32)
+    """ψ as one flat float32 vector (what NES perturbs): :func:`l3rs.meta_to_vector`."""
+    return meta_to_vector(psi)
 
 
 def vector_to_psi(vector: jax.Array, template: Psi) -> Psi:
     """Inverse of :func:`psi_to_vector`, with ``template`` giving the structure (works under jit and vmap)."""
-    unravel = ravel_pytree(template)[1]
-    expected = psi_size(template)
-    if vector.shape[-1] != expected:
-        raise ValueError(f"vector_to_psi: vector has {vector.shape[-1]} entries, ψ needs {expected}.")
-    return unravel(jnp.asarray(vector, jnp.float32))
+    try:
+        return vector_to_meta(vector, template)
+    except ValueError as e:
+        raise ValueError(f"vector_to_psi: {e}") from None
 
 
 def psi_size(psi: Psi) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(psi)))
+    return meta_size(psi)
 
 
 # ----------------------------------------------------------------------------------------------------------------

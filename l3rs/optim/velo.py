@@ -79,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l3rs.optim.family import register_family
+from l3rs.optim.family import config_from_dict, register_family
 
 __all__ = ["VeLOConfig", "VeLOState", "init_velo", "velo", "velo_param_shapes", "factored_dims"]
 
@@ -226,14 +226,7 @@ class VeLOConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VeLOConfig:
-        d = dict(d)
-        if d.pop("family", cls.family) != cls.family:
-            raise ValueError(f"optimizer.family: this is a {cls.family!r} config.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"optimizer: unknown field(s) {unknown}; known: {sorted(known | {'family'})}.")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     # ---------------------------------------------------------------- the learned-optimizer family interface
     def init(self, params: Any, key: jax.Array) -> dict[str, Any]:
