@@ -556,7 +556,7 @@ def plot_meta_evaluation(report: dict[str, Any], uri: str) -> None:
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(4, len(labels)),
                bbox_to_anchor=(0.5, -0.01), frameon=False)  # fmt: skip
     fig.suptitle(
-        "L3RS meta-evaluation: eval accuracy after K fine-tuning steps on held-out tasks (shaded: ± std; grey band: "
+        "Meta-evaluation: eval accuracy after K fine-tuning steps on held-out tasks (shaded: ± std; grey band: "
         "meta-training K range)",
         fontsize=12,
     )
@@ -587,8 +587,8 @@ def _plot_speedup(ax: Any, report: dict[str, Any]) -> None:
             ax.annotate(f"{prefix}K={r['k_baseline']}", (xi, yi), textcoords="offset points", xytext=(3, 4),
                         fontsize=7, color=st["color"])  # fmt: skip
     ax.set_xlabel("accuracy level best Adam reaches at K (%)")
-    ax.set_ylabel("speedup = K_best Adam / K_L3RS (×)")
-    ax.set_title(f"F. Steps saved by L3RS vs best Adam (setting {setting})\n≥: reached at the first K already",
+    ax.set_ylabel("speedup = K_best Adam / K_learned (×)")
+    ax.set_title(f"F. Steps saved vs best Adam (setting {setting})\n≥: reached at the first K already",
                  fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
