@@ -347,3 +347,23 @@ def test_velo_og_checkpoint_adds_its_rows_beside_the_artifacts(env, tmp_path):
     assert set(accs) >= {"L3RS", "VeLO (og)", "VeLO (og, head)"}
     assert all(a is None or 0.0 <= a <= 1.0 for a in accs.values())
     assert "VeLO (og, head)" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_an_artifact_of_another_family_alone_is_evaluated_without_fig4(env, tmp_path):
+    """`l3rs evaluate` on an FC-LOpt run (its own config's default): rows labelled by family; Fig. 4 (L3RS's λ and μ
+    per layer) is left out instead of failing."""
+    from l3rs.artifact import save_artifact
+    from l3rs.optim import FCLoptConfig
+
+    config = FCLoptConfig()
+    theta = config.init(None, jax.random.key(5))
+    meta = {"run_name": "fc", "model": "small_cnn", "dataset": "sklearn_digits", "k_range": [5, 10],
+            "train_scope": "all", "generations": 1}  # fmt: skip
+    save_artifact(str(tmp_path / "psi"), theta, config, meta)
+    cfg = env["cfg"].replace(optimizer={"family": "fc_lopt"})
+    report = ev.run_evaluation(cfg, [str(tmp_path / "psi")], out=str(tmp_path / "r"), tasks=1, settings=["A"],
+                               workers=1, progress=False)  # fmt: skip
+    names = [o["name"] for o in report["optimizers"]]
+    assert names[:2] == ["FC-LOpt", "FC-LOpt ψ₀"] and "L3RS" not in names
+    assert "fig4" not in report["files"] and not (tmp_path / "r" / "fig4_layer_stats.png").exists()
+    assert (tmp_path / "r" / "fig3_meta_evaluation.png").stat().st_size > 10_000

@@ -864,6 +864,7 @@ def _bars(specs: Sequence[SettingSpec], num_tasks: int, progress: bool) -> dict[
 
 def _run_in_process(cfg, specs, optimizers, seeds, trace_opt, progress):
     trace_setting = "A" if any(s.name == "A" for s in specs) else (specs[0].name if specs else None)
+    trace_setting = trace_setting if trace_opt is not None else None
     bars = _bars(specs, len(next(iter(seeds.values()))) if seeds else 0, progress)
     results = {}
     try:
@@ -906,12 +907,14 @@ def _run_pool(cfg, specs, optimizers, seeds, trace_opt, progress, workers):
                 for s in specs:
                     job = executor.submit(evaluate_setting, cfg, s, optimizers, seeds[s.name], shard=(i, num_tasks))
                     futures[job] = s
-            trace_future = executor.submit(trace_layer_stats, cfg, trace_opt, setting=trace_setting)
+            trace_future = None
+            if trace_opt is not None:
+                trace_future = executor.submit(trace_layer_stats, cfg, trace_opt, setting=trace_setting)
         for future in as_completed(futures):
             part = future.result()
             parts[part.setting].append(part)
             bars[part.setting].update(len(part.indices))
-        trace = trace_future.result()
+        trace = trace_future.result() if trace_future is not None else None
     except BaseException:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -1005,7 +1008,9 @@ def run_evaluation(
             f"K in {list(cfg.evaluate.k_grid)}: {steps} training steps per task, {workers} process(es).",
             file=sys.stderr,
         )
-    trace_opt = optimizers[0]  # Fig. 4 shows the first artifact (ψ₀ without artifacts), on setting A if evaluated
+    # Fig. 4 (λ and μ per layer) exists for L3RS only: the first L3RS row (ψ₀ without artifacts), on setting A if
+    # evaluated; none when every learned row is another family.
+    trace_opt = next((o for o in optimizers if o.kind == "learned" and o.config.family == "l3rs"), None)
     run_start = time.perf_counter()
     if workers <= 1 or not specs:
         results, trace = _run_in_process(cfg, specs, optimizers, seeds, trace_opt, progress)
