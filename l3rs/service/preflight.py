@@ -57,7 +57,8 @@ def check_location(uri: str, field: str) -> None:
     """``uri`` can hold a folder we write into: a known scheme, and writable.
 
     Local paths: the path is a folder or does not exist yet, and its nearest existing ancestor is a folder where a
-    file can be created (a probe file is created and removed at once; no folder is created). Object stores: a probe object is written, read back and deleted.
+    file can be created (a probe file is created and removed at once; no folder is created). Object stores: a probe
+    object is written, read back and deleted.
 
     Raises:
       PreflightError: naming ``field``.
