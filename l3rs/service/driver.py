@@ -91,11 +91,19 @@ class Driver:
         self.checkpoint_generation: int | None = None
 
     # ------------------------------------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        """Refuses bad storage, a missing θ0 or an incompatible resume before any work starts; records the config."""
+    def _prepare_run_dir(self, check_cluster: bool = False) -> None:
+        """Refuses bad storage, a missing θ0, an incompatible resume or (``check_cluster``, when Ray is connected) a
+        worker shape no node can ever hold, before anything is written; then records the config."""
         from l3rs.service import preflight
 
         preflight.check_run(self.cfg, self.run_dir)
+        import ray
+
+        if check_cluster and ray.is_initialized():  # on the cluster: fail now, not after workers.placement_timeout_s
+            nodes, node_types, autoscaling = preflight.cluster_capacity()
+            preflight.check_resources(
+                dict(self.cfg.workers.resources), nodes, node_types=node_types, autoscaling=autoscaling
+            )
         storage.makedirs(self.run_dir)
         config_uri = storage.join(self.run_dir, "config.json")
         current = json.loads(json.dumps(self.cfg.to_dict()))  # as saved: tuples become lists
@@ -192,14 +200,7 @@ class Driver:
         from l3rs.service.metrics import RunMetrics
 
         own_pool = pool is None
-        if own_pool:  # pre-flight on the cluster: a worker shape no node can ever hold fails now, not after a wait
-            from l3rs.service import preflight
-
-            nodes, node_types, autoscaling = preflight.cluster_capacity()
-            preflight.check_resources(
-                dict(self.cfg.workers.resources), nodes, node_types=node_types, autoscaling=autoscaling
-            )
-        self._prepare_run_dir()
+        self._prepare_run_dir(check_cluster=own_pool)
         template = initial_meta(self.cfg)
         state, history = self._load_or_init(np.asarray(meta_to_vector(template)))
         self.generation = int(state.generation)
