@@ -285,6 +285,9 @@ def test_pretrain_output_unwritable_before_work(capsys, tmp_path):
 def test_fetch_unknown_run(capsys, tmp_path, artifact):
     code, _, err = run_cli(capsys, "fetch", "nope", "--storage", str(artifact), "--to", str(tmp_path / "out"))
     assert code == 2 and "no run 'nope'" in one_line(err) and "done" in err
+    (artifact / "young").mkdir(exist_ok=True)  # a run that has not reached its first checkpoint
+    code, _, err = run_cli(capsys, "fetch", "young", "--storage", str(artifact), "--to", str(tmp_path / "out"))
+    assert code == 1 and "has no ψ artifact yet" in one_line(err)
     assert not (tmp_path / "out").exists()
 
 
