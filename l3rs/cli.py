@@ -466,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-paths",
         action="store_true",
-        help="keep relative paths relative (a remote head reached through a tunnel such as kubectl port-forward)",
+        help="keep relative paths relative (they are the head's). Normally detected: a head is local when its Ray "
+        "session folder is on this machine, whatever its address (tunnels to remote heads are 127.0.0.1 too)",
     )
     p.set_defaults(func=cmd_submit)
 
