@@ -178,15 +178,17 @@ def _font(face: int) -> Any:
     return ImageFont.truetype(os.path.join(font_dir(), FACES[face]), _FONT_SIZE)
 
 
-def _cmaps() -> list[set[int]]:
+@functools.cache
+def _cmaps() -> tuple[frozenset[int], ...]:
+    """The code points each face maps (read once per process: the font files ship with matplotlib)."""
     from fontTools.ttLib import TTFont
 
     out = []
     for name in FACES:
         font = TTFont(os.path.join(font_dir(), name), lazy=True)
-        out.append(set(font.getBestCmap()))
+        out.append(frozenset(font.getBestCmap()))
         font.close()
-    return out
+    return tuple(out)
 
 
 def font_versions() -> dict[str, str]:
@@ -228,7 +230,7 @@ def _descriptor(master: np.ndarray) -> np.ndarray:
     return master.reshape(_DESCRIPTOR, k, _DESCRIPTOR, k).mean(axis=(1, 3)).ravel()
 
 
-def _candidates(min_faces: int) -> tuple[list[int], list[set[int]]]:
+def _candidates(min_faces: int) -> tuple[list[int], tuple[frozenset[int], ...]]:
     cmaps = _cmaps()
     out = []
     for cp in sorted(cmaps[0]):
