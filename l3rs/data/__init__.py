@@ -5,8 +5,9 @@ meta-training and meta-test tasks (paper §5: disjoint where the dataset has eno
 training batches, meta-training eval batches and meta-test eval batches. :func:`load` returns one split as in-memory
 uint8 arrays (workers keep them on the device and gather batches by index inside the jitted loop).
 
-Offline (this product's CPU default): ``fashion_mnist_debian`` (Debian's ``dataset-fashion-mnist``) and
-``sklearn_digits`` (shipped by scikit-learn) are local tfds builders (:mod:`l3rs.data.builders`). With internet, any
+Offline (this product's CPU default): ``fashion_mnist_debian`` (Debian's ``dataset-fashion-mnist``),
+``sklearn_digits`` (shipped by scikit-learn) and ``glyphs`` (720 classes rendered from matplotlib's fonts,
+:mod:`l3rs.data.glyphs`) are local tfds builders (:mod:`l3rs.data.builders`). With internet, any
 official tfds dataset in :data:`SPECS` (``fashion_mnist``, ``cifar100``, ``imagenet2012``, ``places365_small``) is
 downloaded and prepared by tfds itself.
 """
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from l3rs.data import glyphs
 
 __all__ = ["ArraySplit", "DatasetSpec", "SPECS", "get_spec", "load", "normalize"]
 
@@ -62,6 +65,7 @@ def _imagenet_split() -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 _IMAGENET_META_TRAIN, _IMAGENET_META_TEST = _imagenet_split()
+_GLYPHS = glyphs.class_partition()  # 360 pretrain / 180 meta-train / 180 meta-test classes, pairwise disjoint
 
 SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -73,6 +77,8 @@ SPECS: dict[str, DatasetSpec] = {
                     train_split="train[:50000]", valid_split="train[50000:]"),
         DatasetSpec("sklearn_digits", 10, (16, 16, 1), tuple(range(5)), tuple(range(5, 10)), tuple(range(5, 10)),
                     offline=True),
+        # Paper §5's three-way split on the offline default: pretrain, meta-train and meta-test classes disjoint.
+        DatasetSpec("glyphs", glyphs.NUM_CLASSES, (28, 28, 1), *_GLYPHS, offline=True),
         DatasetSpec("cifar100", 100, (32, 32, 3), tuple(range(50)), tuple(range(50, 75)), tuple(range(75, 100)),
                     train_split="train[:45000]", valid_split="train[45000:]"),
         # Downsampled to 64x64 so that a worker holds its classes in memory (the paper trains at 224x224).
