@@ -358,3 +358,23 @@ def test_prometheus_config_scrapes_rays_service_discovery():
     from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 
     assert Path(sd["files"][0]).name == PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+
+def test_install_system_is_a_no_op_where_prometheus_is_installed(tmp_path):
+    script = REPO / "scripts" / "install_system.sh"
+    fake = tmp_path / "bin" / "prometheus"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    # Installed system-wide (on PATH): nothing is downloaded or written.
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "L3RS_TOOLS_DIR": str(tmp_path / "tools")}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (0, "") and not (tmp_path / "tools").exists()
+    # Already unpacked by an earlier run: the same.
+    unpacked = tmp_path / "tools" / "prometheus" / "usr" / "bin" / "prometheus"
+    unpacked.parent.mkdir(parents=True)
+    unpacked.write_bytes(fake.read_bytes())
+    unpacked.chmod(0o755)
+    env["PATH"] = "/usr/bin:/bin"
+    again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert (again.returncode, again.stderr) == (0, "") and os.listdir(tmp_path / "tools") == ["prometheus"]

@@ -45,7 +45,7 @@ RUN = "prom-check"
 def _prometheus_binary() -> str | None:
     for candidate in (
         os.environ.get("L3RS_PROMETHEUS"),
-        str(REPO / ".tools" / "prometheus" / "usr" / "bin" / "prometheus"),
+        str(Path(os.environ.get("L3RS_TOOLS_DIR", REPO / ".tools")) / "prometheus" / "usr" / "bin" / "prometheus"),
         shutil.which("prometheus"),
     ):
         if candidate and os.access(candidate, os.X_OK):
