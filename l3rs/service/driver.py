@@ -201,6 +201,7 @@ class Driver:
             max_unit_retries=w.max_unit_retries,
             env_vars=worker_env(dict(w.resources)),
             name=f"{self.cfg.run.name}-workers",
+            actor_name_prefix=f"l3rs:{self.cfg.run.name}:worker-",  # dashboard: Actors tells runs apart
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class Driver:
         state, history = self._load_or_init(np.asarray(meta_to_vector(template)))
         total = self.cfg.nes.generations
         end = total if stop_after is None else min(total, state.generation + stop_after)
-        metrics = RunMetrics(self.cfg.run.name)
+        metrics = RunMetrics(self.cfg.run.name, generation=state.generation)
         own_pool = pool is None
         if own_pool:
             pool = self.make_pool()
@@ -249,7 +250,8 @@ class Driver:
                 seconds = time.perf_counter() - start
                 stats = pool.stats()
                 row = {
-                    "generation": gen,
+                    "generation": gen,  # 0-based index of this generation
+                    "generations_completed": gen + 1,  # the N of "gen N/T" and of the l3rs_generation gauge
                     "fitness_mean": float(np.nanmean(fitness)) if np.isfinite(fitness).any() else None,
                     "fitness_best": float(np.nanmax(fitness)) if np.isfinite(fitness).any() else None,
                     "accuracy_mean": float(np.nanmean(accs)),
@@ -267,7 +269,7 @@ class Driver:
                 }
                 history.append(row)
                 metrics.set(
-                    generation=gen,
+                    generation=row["generations_completed"],
                     fitness_mean=row["fitness_mean"] if row["fitness_mean"] is not None else float("nan"),
                     fitness_best=row["fitness_best"] if row["fitness_best"] is not None else float("nan"),
                     eval_accuracy=row["accuracy_mean"],
