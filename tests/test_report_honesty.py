@@ -5,10 +5,10 @@ number of tasks; the best-Adam rule names only the variants run; and no report f
 absolute path.
 
 The report is built by the production path (plan_settings → load_artifacts → build_optimizers →
-classes_for_setting → build_report → write_report) from two real pretrained checkpoints (sklearn_digits and
-Fashion-MNIST, a few steps each) and a real ψ artifact. The per-task numbers are the SettingResult structures
-evaluate_setting produces, filled with seeded random accuracies (running the fine-tuning itself is
-tests/test_evaluate.py's job).
+classes_for_setting → build_report → write_report) from two real pretrained checkpoints (sklearn_digits, a few steps
+each; settings B and D draw their tasks from Fashion-MNIST) and a real ψ artifact. The per-task numbers are the
+SettingResult structures evaluate_setting produces, filled with seeded random accuracies (running the fine-tuning
+itself is tests/test_evaluate.py's job).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from l3rs.report import (
 K_GRID = (5, 10, 20)
 N_TASKS = 4
 HOME, OTHER = "sklearn_digits", "fashion_mnist_debian"
+OTHER_CKPT_DATASET = HOME  # what evaluate.other_checkpoint was pretrained on
 
 
 def _results(cfg, specs, optimizers) -> dict[str, ev.SettingResult]:
@@ -70,10 +71,12 @@ def honest(tmp_path_factory):
     root = tmp_path_factory.mktemp("honest")
     storage = root / "runs"
     home_ckpt = storage / "pretrain-digits"  # inside the run storage: named "pretrain-digits"
-    other_ckpt = root / "elsewhere" / "pretrain-fmnist"  # outside it, given as an absolute path: "…/pretrain-fmnist"
-    for dataset, out in ((HOME, home_ckpt), (OTHER, other_ckpt)):
-        pretrain(dataset=dataset, model_name="small_cnn", steps=3, batch_size=16, learning_rate=1e-3, seed=0,
-                 output=str(out), progress=False)  # fmt: skip
+    other_ckpt = root / "elsewhere" / "pretrain-other"  # outside it, given as an absolute path: "…/pretrain-other"
+    # The other checkpoint is pretrained on sklearn_digits too (another seed): pretraining on Fashion-MNIST would
+    # only cost time, and C/D then cover both "disjoint" (C) and "other dataset" (D) against θ0's classes.
+    for seed, out in ((0, home_ckpt), (1, other_ckpt)):
+        pretrain(dataset=OTHER_CKPT_DATASET, model_name="small_cnn", steps=2, batch_size=16, learning_rate=1e-3,
+                 seed=seed, output=str(out), progress=False)  # fmt: skip
     cfg = config_from_dict(
         {
             "run": {"name": "honest", "storage": str(storage), "seed": 0},
@@ -122,7 +125,7 @@ def honest(tmp_path_factory):
 
 def _expected(setting: str) -> dict:
     """What the statement must say for each setting, from the dataset specs (independently of l3rs.meta.provenance)."""
-    theta0_ds = {"A": HOME, "B": HOME, "C": OTHER, "D": OTHER, "E": None}[setting]
+    theta0_ds = {"A": HOME, "B": HOME, "C": OTHER_CKPT_DATASET, "D": OTHER_CKPT_DATASET, "E": None}[setting]
     eval_ds = {"A": HOME, "B": OTHER, "C": HOME, "D": OTHER, "E": HOME}[setting]
     eval_classes = set(get_spec(eval_ds).meta_test_classes)
     mt_classes = set(get_spec(HOME).meta_train_classes)
@@ -157,7 +160,7 @@ def test_class_statement_is_correct_for_every_setting(honest, setting):
     if exp["theta0_ds"] is None:
         assert c["theta0"]["checkpoint"] == "random" and c["theta0"]["classes"] == []
     else:
-        ckpt = {"A": "pretrain-digits", "B": "pretrain-digits"}.get(setting, "…/pretrain-fmnist")
+        ckpt = {"A": "pretrain-digits", "B": "pretrain-digits"}.get(setting, "…/pretrain-other")
         assert c["theta0"]["checkpoint"] == ckpt == s["checkpoint"]
         assert c["theta0"]["dataset"] == exp["theta0_ds"]
         assert c["theta0"]["classes"] == sorted(get_spec(exp["theta0_ds"]).pretrain_classes)
@@ -259,13 +262,13 @@ def test_no_absolute_path_in_report_files_or_figure_titles(honest):
     assert absolute == []
     cfg = report["meta"]["config"]
     assert cfg["model"]["checkpoint"] == "pretrain-digits"
-    assert cfg["evaluate"]["other_checkpoint"] == "…/pretrain-fmnist"
+    assert cfg["evaluate"]["other_checkpoint"] == "…/pretrain-other"
     assert report["meta"]["artifacts"][0]["uri"] == "honest/psi"
     assert report["meta_training"]["history"] == "honest/history.jsonl"
 
     fig = meta_evaluation_figure(report)
     texts = figure_text(fig)
-    assert any("θ0: pretrain-digits" in t for t in texts) and any("θ0: …/pretrain-fmnist" in t for t in texts)
+    assert any("θ0: pretrain-digits" in t for t in texts) and any("θ0: …/pretrain-other" in t for t in texts)
     trace = {"optimizer": "L3RS", "setting": "A", "task_seed": 1, "num_steps": 2, "layer_paths": ["a", "b"],
              "directions": ["adam", "sgd"], "mixing": np.full((2, 2, 2), 0.5), "step_norm": np.ones((2, 2)),
              "eval_accuracy": 0.5}  # fmt: skip
