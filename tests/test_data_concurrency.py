@@ -42,8 +42,11 @@ def test_processes_asking_at_once_on_a_fresh_data_dir_all_get_the_prepared_data(
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, str(data_dir), str(go)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(PROCESSES)
     ]
     try:
@@ -64,7 +67,7 @@ def test_processes_asking_at_once_on_a_fresh_data_dir_all_get_the_prepared_data(
     # The data was prepared once, completely, and reads back here as each of them read it.
     here = data.load("sklearn_digits", "train", data_dir=str(data_dir))
     assert len(here.labels) == 1077
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert f"loaded {len(here.labels)} {here.images.shape}" in out, out
     assert not [n for n in os.listdir(data_dir / "sklearn_digits") if "incomplete" in n]
