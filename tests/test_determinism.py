@@ -165,3 +165,164 @@ def test_the_default_lock_folder_is_private_to_the_user(tmp_path, monkeypatch):
     other = tmp_path / "link"
     other.symlink_to(path)  # not a real folder: not used for locks (the worker then pins without them)
     assert not cpu._ensure_dir(str(other))
+
+
+# --- the real inner loop -------------------------------------------------------------------------------------------
+
+# Batch sizes where an unpinned process computes different losses than a pinned one on this 2-core machine (2 of 8
+# differed in the last bits at 64/256; at 32/64 none did): small enough to be quick, large enough for XLA:CPU to
+# split work over threads when it has them.
+UNIT_TASK = {"num_classes": 3, "batch_size": 64, "eval_batch_size": 256, "k_min": 10, "k_max": 20}
+_RUNNER: list[Any] = []
+
+
+def run_units(seeds: list[int]) -> list[str]:
+    """Work units as a meta-training worker runs them (an antithetic ψ pair on the task of each seed); losses as hex.
+
+    Runs inside a :data:`CLAIMANT` process (after its claim, so that XLA's thread pool starts pinned).
+    """
+    import numpy as np
+
+    from l3rs.config import Config
+    from l3rs.meta.runner import TaskRunner
+    from l3rs.optim import meta_to_vector
+
+    if not _RUNNER:
+        cfg = Config().replace(
+            run={"seed": 7}, data={"dataset": "sklearn_digits"}, model={"name": "small_cnn", "checkpoint": "random"},
+            task=UNIT_TASK,
+        )  # fmt: skip
+        _RUNNER.append(TaskRunner(cfg))
+    runner = _RUNNER[0]
+    psi = np.asarray(meta_to_vector(runner.meta_template), np.float32)
+    losses = []
+    for seed in seeds:
+        eps = 0.03 * np.random.default_rng(seed).standard_normal(psi.shape).astype(np.float32)
+        losses += [float(x).hex() for x in runner.evaluate(np.stack([psi + eps, psi - eps]), seed)["loss"]]
+    return losses
+
+
+def _worker_env() -> dict[str, str]:
+    from l3rs.cpu import PIN_ENV
+    from l3rs.service.worker import worker_env
+
+    env = worker_env({"CPU": 1.0})  # what a CPU worker gets (single-threaded XLA flags); the claim is explicit here
+    env.pop(PIN_ENV)
+    return env
+
+
+def test_work_units_give_identical_losses_on_a_free_core_a_shared_core_and_after_moving(tmp_path, claimants):
+    env = _worker_env()
+    # Free: another process holds one core, the worker has one to itself.
+    free_dir, shared_dir = tmp_path / "free", tmp_path / "shared"
+    claimants(1, free_dir)
+    on_free = claimants(1, free_dir, **env)
+    # Every core taken: the worker shares one (the free one above runs at the same time, on another core if any).
+    holder = claimants(len(CORES), shared_dir)
+    on_shared = claimants(1, shared_dir, **env)
+    assert not on_free.state["shared"] and on_shared.state["shared"]
+    assert len(on_free.state["cores"]) == len(on_shared.state["cores"]) == 1
+    for c in (on_free, on_shared):
+        c.proc.stdin.write("units 0 1\n")  # both at once
+        c.proc.stdin.flush()
+    first = [json.loads(c.proc.stdout.readline() or "{}") for c in (on_free, on_shared)]
+    assert first[0]["losses"] == first[1]["losses"] and len(first[0]["losses"]) == 4
+    # The holder goes (a killed worker's process finally gone): the shared worker moves to a freed core mid-run.
+    os.kill(holder.proc.pid, signal.SIGKILL)
+    holder.proc.wait(timeout=30)
+    assert not on_shared.ask("rebalance")["shared"]
+    after = on_shared.ask("units 2 3")
+    assert after["losses"] == on_free.ask("units 2 3")["losses"]
+    assert after["thread_affinities"] == [after["cores"]]  # every thread, XLA's pool included, moved together
+
+
+# --- the service, on CPU workers -----------------------------------------------------------------------------------
+
+GENERATIONS = 3
+
+
+def cpu_config(storage: Path, name: str):
+    from l3rs.config import Config
+
+    return Config().replace(
+        run={"name": name, "storage": str(storage), "checkpoint_every": 1, "seed": 11},
+        data={"dataset": "sklearn_digits"},
+        model={"name": "small_cnn", "checkpoint": "random"},
+        task=UNIT_TASK,
+        nes={"population_size": 4, "meta_batch_size": 2, "generations": GENERATIONS},
+        # CPU workers (they pin; the service tests' logical-GPU workers do not): the head's two logical CPUs.
+        workers={"min_workers": 1, "max_workers": 2, "resources": {"CPU": 1.0}, "unit_timeout_s": 300.0},
+    )
+
+
+def _train(cfg, on_progress=None):
+    """Runs the driver in a thread (Ray signal handlers stay in the main thread); calls ``on_progress(pool)``."""
+    import threading
+    import time
+
+    from l3rs.service.driver import Driver
+
+    driver = Driver(cfg, progress=False)
+    pool = driver.make_pool()
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = driver.run(pool=pool)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            if on_progress is not None and on_progress(pool):
+                on_progress = None
+            time.sleep(0.05)
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["result"], pool.stats()
+    finally:
+        pool.shutdown()
+
+
+def _fitness(result) -> list[tuple[Any, ...]]:
+    with open(os.path.join(result.run_dir, "history.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["generation"], r["fitness_mean"], r["fitness_best"], r["accuracy_mean"]) for r in rows]
+
+
+def test_cpu_worker_killed_while_every_core_is_held_elsewhere_gives_the_undisturbed_psi(
+    ray_connected, tmp_path, claimants
+):
+    from l3rs.cpu import default_lock_dir
+
+    reference, _ = _train(cpu_config(tmp_path, "undisturbed"))
+    # Another process (another run, an evaluation) holds every core lock of this machine's folder, the one the
+    # workers use; then a worker is killed in the middle of the run, and its replacement starts with the cores still
+    # held.
+    holder = claimants(len(CORES), Path(default_lock_dir()))
+    assert holder.state["cores"] == CORES and not holder.state["shared"]
+    seen: list[dict[str, Any]] = []
+
+    def kill_one_busy_worker(pool) -> bool:
+        try:
+            stats = pool.stats()
+        except RuntimeError:  # the table changed under us
+            return False
+        seen.extend(w["info"] for w in stats["workers"] if w["info"] and w["info"] not in seen)
+        busy = [w for w in stats["workers"] if w["inflight"] and w["info"]]
+        if stats["units_done"] >= 3 and busy:
+            os.kill(busy[0]["info"]["pid"], signal.SIGKILL)
+            return True
+        return False
+
+    disturbed, stats = _train(cpu_config(tmp_path, "disturbed"), kill_one_busy_worker)
+    holder.exit()
+    assert stats["failures"] >= 1 and stats["retries"] >= 1 and stats["workers_started"] >= 3, stats
+    seen.extend(w["info"] for w in stats["workers"] if w["info"] and w["info"] not in seen)
+    # Every worker was pinned to exactly one core, sharing one (never unpinned as before issue 12).
+    assert seen and all(len(i["cores"]) == 1 and i["shared_core"] for i in seen), seen
+    assert _fitness(disturbed) == _fitness(reference)
+    assert disturbed.psi_sha256 == reference.psi_sha256
