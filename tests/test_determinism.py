@@ -213,9 +213,11 @@ def _worker_env() -> dict[str, str]:
 
 def test_work_units_give_identical_losses_on_a_free_core_a_shared_core_and_after_moving(tmp_path, claimants):
     env = _worker_env()
-    # Free: another process holds one core, the worker has one to itself.
+    # Free: another process holds one core (if there are two: the two workers below then run on different cores),
+    # the worker has one to itself.
     free_dir, shared_dir = tmp_path / "free", tmp_path / "shared"
-    claimants(1, free_dir)
+    if len(CORES) > 1:
+        claimants(1, free_dir)
     on_free = claimants(1, free_dir, **env)
     # Every core taken: the worker shares one (the free one above runs at the same time, on another core if any).
     holder = claimants(len(CORES), shared_dir)
@@ -303,7 +305,7 @@ def test_cpu_worker_killed_while_every_core_is_held_elsewhere_gives_the_undistur
     # workers use; then a worker is killed in the middle of the run, and its replacement starts with the cores still
     # held.
     holder = claimants(len(CORES), Path(default_lock_dir()))
-    assert holder.state["cores"] == CORES and not holder.state["shared"]
+    assert holder.state["cores"] == CORES  # exclusively, or sharing with whoever holds the rest: every core is held
     seen: list[dict[str, Any]] = []
 
     def kill_one_busy_worker(pool) -> bool:
