@@ -247,9 +247,7 @@ def rebalance() -> list[int]:
     for i, slot in enumerate(list(_held)):
         if slot.level == 0:
             continue
-        for core in _allowed:
-            if core in mine:
-                continue
+        for core in [slot.core] + [c for c in _allowed if c not in mine]:  # its own core first: no move at all
             new = _try_lock(directory, core, 0)
             if new is not None:
                 _held[i] = new

@@ -122,10 +122,19 @@ def claimants():
         c.kill()
 
 
+def hold_every_core(claimants, locks: Path) -> tuple[Any, Any]:
+    """Two other processes holding every core: ``stays`` the first core (None on a one-core machine), ``goes`` the
+    rest. A sharer lands on the first core; when ``goes`` is killed, it must *move* (its own core stays taken)."""
+    stays = claimants(1, locks) if len(CORES) > 1 else None
+    goes = claimants(len(CORES) - (stays is not None), locks)
+    held = (stays.state["cores"] if stays else []) + goes.state["cores"]
+    assert sorted(held) == CORES and not goes.state["shared"]
+    return stays, goes
+
+
 def test_claims_always_pin_share_the_least_loaded_core_move_when_freed_and_tidy_up(tmp_path, claimants):
     locks = tmp_path / "locks"
-    holder = claimants(len(CORES), locks)  # another job holding every core
-    assert holder.state["cores"] == CORES and not holder.state["shared"]
+    stays, holder = hold_every_core(claimants, locks)  # other jobs holding every core
     # Every core is taken: a worker still pins to exactly one core (it shares), it never runs unpinned.
     first = claimants(1, locks)
     second = claimants(1, locks)
@@ -141,11 +150,13 @@ def test_claims_always_pin_share_the_least_loaded_core_move_when_freed_and_tidy_
     moved = first.ask("rebalance")
     assert not moved["shared"] and len(moved["cores"]) == 1 and moved["threads"] >= 4
     assert moved["thread_affinities"] == [moved["cores"]] and moved["affinity"] == moved["cores"]
-    # A new claimant now finds a free core if one is left, and is exclusive there.
+    if stays is not None:
+        assert moved["cores"] != first.state["cores"]  # a real move: its own core is still held
+    # A new claimant is exclusive on a core that is still free, if one is (three cores or more), else shares.
     third = claimants(1, locks)
-    assert len(third.state["cores"]) == 1 and third.state["shared"] == (len(CORES) < 2)
+    assert len(third.state["cores"]) == 1 and third.state["shared"] == (len(CORES) <= 2)
     # Lock files and the folder go away once every claimant has exited (the killed holder's file is tidied too).
-    for c in (first, second, third):
+    for c in (first, second, third, *([stays] if stays else [])):
         c.exit()
     assert not locks.exists(), sorted(os.listdir(locks))
 
@@ -220,7 +231,7 @@ def test_work_units_give_identical_losses_on_a_free_core_a_shared_core_and_after
         claimants(1, free_dir)
     on_free = claimants(1, free_dir, **env)
     # Every core taken: the worker shares one (the free one above runs at the same time, on another core if any).
-    holder = claimants(len(CORES), shared_dir)
+    stays, holder = hold_every_core(claimants, shared_dir)
     on_shared = claimants(1, shared_dir, **env)
     assert not on_free.state["shared"] and on_shared.state["shared"]
     assert len(on_free.state["cores"]) == len(on_shared.state["cores"]) == 1
@@ -232,7 +243,8 @@ def test_work_units_give_identical_losses_on_a_free_core_a_shared_core_and_after
     # The holder goes (a killed worker's process finally gone): the shared worker moves to a freed core mid-run.
     os.kill(holder.proc.pid, signal.SIGKILL)
     holder.proc.wait(timeout=30)
-    assert not on_shared.ask("rebalance")["shared"]
+    moved = on_shared.ask("rebalance")
+    assert not moved["shared"] and (stays is None or moved["cores"] != on_shared.state["cores"])
     after = on_shared.ask("units 2 3")
     assert after["losses"] == on_free.ask("units 2 3")["losses"]
     assert after["thread_affinities"] == [after["cores"]]  # every thread, XLA's pool included, moved together
