@@ -172,6 +172,9 @@ def _load_split(name: str, split: str, data_dir: str | None, download: bool) -> 
         if not download and not spec.offline:
             raise FileNotFoundError(f"{name} is not prepared in {builder.data_dir} and download=False.")
         _prepare_locked(builder)
+        # A builder created before the data existed keeps its empty split list even once another process has
+        # prepared the data (tfds reads dataset_info.json only when the builder is created): read it afresh.
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     source = builder.as_data_source(split=split)
     records = source.__getitems__(list(range(len(source))))
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
@@ -185,7 +188,10 @@ def _prepared(builder: Any) -> bool:
 
 
 def _prepare_locked(builder: Any) -> None:
-    # Several workers on one machine may ask for the same dataset at once: one prepares, the others wait.
+    """Prepares ``builder``'s dataset unless another process already has. Several processes on one machine may ask
+    for the same dataset at once: the first prepares it (tfds writes into a temporary folder and renames it into
+    place when complete), the others wait on a file lock and then find it prepared. Callers must create a new builder
+    afterwards: this one may predate the data."""
     from filelock import FileLock
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(builder.data_dir)))
