@@ -242,3 +242,75 @@ def test_options_keep_one_compile_for_every_horizon():
         assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(run(jnp.int32(k))))
     assert len(traces) == 1
     assert dataclasses.replace(config, past_horizon="clamp") != config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Meta-training tasks cut short of the horizon the optimizer is told
+# ----------------------------------------------------------------------------------------------------------
+def _dist(p: float):
+    from l3rs.meta.tasks import TaskDistribution
+
+    return TaskDistribution("sklearn_digits", "meta_train", num_classes=3, batch_size=16, eval_batch_size=32,
+                            k_min=5, k_max=40, truncation_prob=p)  # fmt: skip
+
+
+def test_truncation_draws_run_lengths_from_their_own_stream():
+    from l3rs.meta.tasks import _header, task_header
+
+    seeds = range(400)
+    told = {s: _header(np.random.default_rng(s), _dist(0.0))[1] for s in seeds}
+    assert all(task_header(s, _dist(0.0))[1] == told[s] for s in seeds)  # p = 0: exactly the old tasks
+    for p in (0.5, 1.0):
+        runs = {s: task_header(s, _dist(p))[1] for s in seeds}
+        assert all(min(5, told[s]) <= runs[s] <= told[s] for s in seeds)
+        assert all(_header(np.random.default_rng(s), _dist(p))[1] == told[s] for s in seeds)  # K told unchanged
+        cut = np.mean([runs[s] < told[s] for s in seeds])
+        # P(cut) = p·(1 − E[1/(told − 5 + 1)]) ≈ 0.9p for K ~ U[5, 40]; generous bounds, fixed seeds.
+        assert 0.75 * p < cut <= p + 0.05, (p, cut)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, "half", True])
+def test_bad_truncation_prob_is_refused(p):
+    with pytest.raises(ValueError, match="truncation_prob"):
+        _dist(p)
+    with pytest.raises(ConfigError, match=r"task\.truncation_prob"):
+        config_from_dict({"task": {"truncation_prob": p}}).validate()
+
+
+def test_a_truncated_task_runs_k_steps_with_the_optimizer_told_its_horizon():
+    """Cosine Adam told K = 30 but cut after 8 steps equals a plain optax loop of 8 steps of that schedule."""
+    import optax
+
+    from l3rs import models
+    from l3rs.data import normalize
+    from l3rs.meta.inner import InnerLoop, adam_optimizer_fn, cosine_schedule
+    from l3rs.meta.tasks import load_task_pool, sample_task
+
+    dist = _dist(1.0)
+    pool = load_task_pool(dist)
+    seed = next(s for s in range(100) if (t := sample_task(s, dist, pool)).told_steps >= t.num_steps + 10)
+    task = sample_task(seed, dist, pool)
+    module = models.create("small_cnn", num_classes=3, features=(8, 16))
+    variables = models.init_variables(module, jax.random.key(0), (16, 16, 1))
+    loop = InnerLoop(module, variables, pool, adam_optimizer_fn("cosine"), num_classes=3)
+    got = float(jax.device_get(loop.run_arrays(jnp.float32(1e-2), task))["loss"])
+    params = models.fresh_head(variables["params"], jax.random.key(task.head_seed), 3)
+    tx = optax.adam(cosine_schedule(jnp.float32(1e-2), jnp.int32(task.told_steps)))
+    state = tx.init(params)
+
+    def loss_fn(p, x, y):
+        logits = module.apply({"params": p}, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(params, state, x, y):
+        u, state = tx.update(jax.grad(loss_fn)(params, normalize(x), y), state, params)
+        return optax.apply_updates(params, u), state
+
+    for i in range(task.num_steps):
+        params, state = step(params, state, pool.train_images[task.train_idx[i]], task.train_y[i])
+    want = float(loss_fn(params, normalize(pool.eval_images[task.eval_idx]), task.eval_y))
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+    untruncated = float(jax.device_get(loop.run_arrays(jnp.float32(1e-2), task, num_steps=task.num_steps))["loss"])
+    assert abs(untruncated - got) > 1e-4  # told K = steps run: a different schedule
+    assert loop.compiles == 1
