@@ -220,3 +220,17 @@ def test_all_zero_gradients_from_the_start_never_move_and_stay_finite():
     assert np.all(np.isfinite(np.asarray(state.mixing))) and np.all(np.asarray(state.step_norm) == 0)
     np.testing.assert_array_equal(state.layer_count, [0, 0, 0])
     np.testing.assert_array_equal(_adam_state(state).mu["a"]["kernel"], 0.0)
+
+
+def test_global_variant_skips_the_features_only_when_every_layer_is_skipped():
+    config = l3rs.L3RSConfig(variant="global")
+    params = _tree(0)
+    init, update = _runner(l3rs.init_psi(config, params, jax.random.key(1)), config)
+    state = init(params)
+    u, state = update(_zero(_tree(70, 0.1), "a/kernel"), state, params, jnp.float32(1.0))
+    np.testing.assert_array_equal(_leaf(u, "a/kernel"), 0.0)  # the zero layer does not move
+    assert np.linalg.norm(_leaf(u, "b/kernel")) > 0 and int(state.layer_count[0]) == 1
+    ema = np.asarray(state.ema_log_g)
+    u, state = update(jax.tree.map(jnp.zeros_like, params), state, params, jnp.float32(1.0))
+    assert int(state.layer_count[0]) == 1 and np.array_equal(np.asarray(state.ema_log_g), ema)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
