@@ -103,6 +103,7 @@ class TaskSection:
     k_min: int = 10
     k_max: int = 100
     train_scope: str = "all"  # "all" | "head"
+    truncation_prob: float = 0.0  # chance a task runs fewer steps than the K the optimizer is told (l3rs.meta.tasks)
 
     def validate(self) -> None:
         _positive("task.num_classes", self.num_classes)
@@ -116,6 +117,8 @@ class TaskSection:
             raise ConfigError(f"task.k_min: {self.k_min} is larger than task.k_max = {self.k_max}.")
         if self.train_scope not in ("all", "head"):
             raise ConfigError(f'task.train_scope: {self.train_scope!r} must be "all" or "head".')
+        if not 0.0 <= self.truncation_prob <= 1.0:
+            raise ConfigError(f"task.truncation_prob: must lie in [0, 1], got {self.truncation_prob}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,7 +123,7 @@ class InnerLoop:
         self._eval_images = jax.device_put(pool.eval_images)
         run = self._run
         if vmap_candidates:
-            run = jax.vmap(run, in_axes=(0,) + (None,) * 10)
+            run = jax.vmap(run, in_axes=(0,) + (None,) * 11)
         self._jitted = jax.jit(run)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -147,13 +147,14 @@ class InnerLoop:
         eval_idx,
         eval_y,
         k,
+        k_told,
         head_seed,
         eval_at,
     ):
         self.compiles += 1  # runs at trace time only
         params, model_state = _split_variables(variables0)
         params = self._fresh_head(params, jax.random.key(head_seed), self._num_classes)
-        tx = self._optimizer_fn(opt_params, k)
+        tx = self._optimizer_fn(opt_params, k_told)  # the horizon the optimizer is told; the loop runs k steps
         if self._train_scope == "head":
             tx = head_only(tx, params)
         opt_state = tx.init(params)
@@ -197,8 +198,9 @@ class InnerLoop:
 
         Args:
           opt_params: the optimizer's traced parameters (ψ vector, learning rate, ...).
-          task: the task (its batches, eval batch and head seed).
-          num_steps: overrides the task's K (at most its number of batch rows).
+          task: the task (its batches, eval batch and head seed). It runs ``task.num_steps`` steps with the
+            optimizer told ``task.told_steps`` (more than the steps run for a task cut short).
+          num_steps: overrides the task's K, both run and told (at most its number of batch rows).
           eval_at: step counts after which to also evaluate (``curve_loss``/``curve_accuracy`` in the result): one
             run of a K-independent optimizer (constant-LR Adam) then serves every K of a grid. Each distinct length
             of ``eval_at`` compiles once.
@@ -206,6 +208,7 @@ class InnerLoop:
         k = task.num_steps if num_steps is None else num_steps
         if not 0 <= k <= task.train_idx.shape[0]:
             raise ValueError(f"num_steps: {k} outside [0, {task.train_idx.shape[0]}] for this task.")
+        told = k if num_steps is not None or task.told_steps is None else task.told_steps
         eval_at = np.asarray(eval_at, np.int32).reshape(-1)
         return self._jitted(
             opt_params,
@@ -217,6 +220,7 @@ class InnerLoop:
             task.eval_idx,
             task.eval_y,
             np.int32(k),
+            np.int32(told),
             np.int32(task.head_seed),
             eval_at,
         )

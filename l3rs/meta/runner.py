@@ -28,6 +28,7 @@ def task_distribution(cfg: Config, stage: str = "meta_train", *, k_min: int | No
         k_min=cfg.task.k_min if k_min is None else k_min,
         k_max=cfg.task.k_max if k_max is None else k_max,
         data_dir=cfg.data.data_dir,
+        truncation_prob=cfg.task.truncation_prob if stage == "meta_train" else 0.0,
     )
 
 
