@@ -145,7 +145,7 @@ def eval_distribution(cfg: Config, dataset: str, num_steps: int | None = None):
 
     k = int(num_steps or max(cfg.evaluate.k_grid))
     return TaskDistribution(
-        dataset=dataset,
+        dataset=cfg.data.spec(dataset),
         stage="meta_test",
         num_classes=cfg.task.num_classes,
         batch_size=cfg.task.batch_size,
@@ -279,17 +279,9 @@ def velo_og_artifacts(path: str) -> list[Artifact]:
 
 
 def _model_params_shapes(cfg: Config) -> Any:
-    import jax
+    from l3rs.meta.runner import model_shapes
 
-    from l3rs.data import get_spec
-    from l3rs.meta.runner import model_for
-    from l3rs.models import init_variables
-
-    module = model_for(cfg)
-    shapes = jax.eval_shape(
-        lambda k: init_variables(module, k, get_spec(cfg.data.dataset).image_shape), jax.random.key(0)
-    )
-    return shapes["params"]
+    return model_shapes(cfg)["params"]
 
 
 def build_optimizers(cfg: Config, artifacts: Sequence[Artifact]) -> list[OptimizerSpec]:
@@ -384,7 +376,13 @@ class _SettingRunner:
                 continue
             fn = learned_optimizer_fn(o.config, o.psi) if o.kind == "learned" else adam_optimizer_fn(o.schedule)
             self.loops[key] = InnerLoop(
-                module, variables0, self.pool, fn, num_classes=cfg.task.num_classes, train_scope=o.train_scope
+                module,
+                variables0,
+                self.pool,
+                fn,
+                num_classes=cfg.task.num_classes,
+                train_scope=o.train_scope,
+                head=cfg.model.head,
             )
         self._counted = 0
 
@@ -555,14 +553,14 @@ def trace_layer_stats(
     task = sample_task(seed, dist, pool)
     variables0, _ = load_theta0(cfg, spec.checkpoint)
     module = model_for(cfg)
-    params = fresh_head(variables0["params"], jax.random.key(task.head_seed), cfg.task.num_classes)
+    params = fresh_head(variables0["params"], jax.random.key(task.head_seed), cfg.task.num_classes, cfg.model.head)
     model_state = {k: v for k, v in variables0.items() if k != "params"}
     tx = l3rs(optimizer.psi, optimizer.config, num_steps)
     paths = list(layer_paths(params))
     if optimizer.train_scope == "head":
-        mask = jax.tree.leaves(head_mask(params))
+        mask = jax.tree.leaves(head_mask(params, cfg.model.head))
         paths = [p for p, m in zip(paths, mask, strict=True) if m]
-        tx = head_only(tx, params)
+        tx = head_only(tx, params, cfg.model.head)
     opt_state = tx.init(params)
     train_images, eval_images = jax.device_put(pool.train_images), jax.device_put(pool.eval_images)
 
@@ -772,8 +770,8 @@ def summarize_setting(result: SettingResult, optimizers: Sequence[OptimizerSpec]
 # ----------------------------------------------------------------------------------------------------------------
 def _plan_settings(cfg: Config, settings: Sequence[str] | None) -> tuple[list[SettingSpec], dict[str, str]]:
     """The settings to run and the skipped ones (with the reason); refuses unusable checkpoints before any work."""
-    from l3rs.data import get_spec
-    from l3rs.meta.pretrain import META_FILE
+    from l3rs.checkpoint import theta0_format
+    from l3rs.meta.runner import load_theta0
 
     names = list(settings if settings is not None else cfg.evaluate.settings)
     unknown = [s for s in names if s not in SETTINGS]
@@ -782,7 +780,7 @@ def _plan_settings(cfg: Config, settings: Sequence[str] | None) -> tuple[list[Se
     specs, skipped = [], {}
     for name in dict.fromkeys(names):
         spec = setting_spec(cfg, name)
-        if spec.checkpoint != "random" and not storage.exists(storage.join(spec.checkpoint, META_FILE)):
+        if spec.checkpoint != "random" and theta0_format(spec.checkpoint) is None:
             if spec.checkpoint == _absolute(cfg.model.checkpoint):
                 raise ConfigError(
                     f"model.checkpoint: no pretrained checkpoint at {cfg.model.checkpoint!r} (needed by setting "
@@ -796,14 +794,12 @@ def _plan_settings(cfg: Config, settings: Sequence[str] | None) -> tuple[list[Se
             )
             continue
         if spec.checkpoint != "random":
-            ckpt_model = json.loads(storage.read_bytes(storage.join(spec.checkpoint, META_FILE))).get("model")
-            if ckpt_model != cfg.model.name:
-                home = spec.checkpoint == _absolute(cfg.model.checkpoint)
-                field = "model.checkpoint" if home else "evaluate.other_checkpoint"
-                raise ConfigError(
-                    f"{field}: {spec.checkpoint!r} holds a {ckpt_model!r} model, model.name is {cfg.model.name!r}."
-                )
-        available = len(get_spec(spec.dataset).meta_test_classes)
+            home = spec.checkpoint == _absolute(cfg.model.checkpoint)
+            try:  # the model it holds, and its shapes
+                load_theta0(cfg, spec.checkpoint, field="model.checkpoint" if home else "evaluate.other_checkpoint")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        available = len(cfg.data.spec(spec.dataset).meta_test_classes)
         if cfg.task.num_classes > available:
             raise ConfigError(
                 f"evaluate.other_dataset: {spec.dataset} has {available} meta-test classes, fewer than "
