@@ -215,9 +215,9 @@ checkpoint folder (a PyTree checkpoint, e.g. ``orbax.checkpoint.StandardCheckpoi
 
 def theta0_format(uri: str) -> str | None:
     """Which of :data:`THETA0_FORMATS` ``uri`` (local path or URI) holds; None if none."""
-    from l3rs.meta.pretrain import META_FILE, VARIABLES_FILE
+    from l3rs.meta.pretrain import META_FILE
 
-    if storage.exists(storage.join(uri, META_FILE)) and storage.exists(storage.join(uri, VARIABLES_FILE)):
+    if storage.exists(storage.join(uri, META_FILE)):  # its variables file is checked when read
         return "l3rs-pretrain"
     if any(storage.exists(storage.join(uri, name)) for name in ("_METADATA", "_CHECKPOINT_METADATA")):
         return "orbax"

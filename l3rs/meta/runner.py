@@ -41,7 +41,7 @@ def load_theta0(
     """θ0 and its metadata: a checkpoint (``l3rs pretrain`` folder, flax msgpack or Orbax; see
     :func:`l3rs.checkpoint.read_theta0`) checked against the model's shapes, or a seeded random init for
     ``checkpoint = "random"``. Raises ValueError naming ``field``."""
-    from l3rs.checkpoint import check_theta0, read_theta0
+    from l3rs.checkpoint import check_theta0, read_theta0, theta0_format
     from l3rs.meta.pretrain import random_variables
 
     checkpoint = checkpoint or cfg.model.checkpoint
@@ -50,11 +50,16 @@ def load_theta0(
         variables = random_variables(cfg.model.name, spec.image_shape, cfg.task.num_classes, cfg.run.seed,
                                      module=model_for(cfg))  # fmt: skip
         return jax.tree.map(np.asarray, variables), {"model": cfg.model.name, "random_init": True}
+    if theta0_format(checkpoint) == "l3rs-pretrain":  # which model it holds, before reading its variables
+        import json
+
+        from l3rs import storage
+        from l3rs.meta.pretrain import META_FILE
+
+        model = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE))).get("model")
+        if model != cfg.model.name:
+            raise ValueError(f"{field}: {checkpoint!r} holds a {model!r} model, model.name is {cfg.model.name!r}.")
     variables, meta = read_theta0(checkpoint)
-    if meta.get("model") is not None and meta.get("model") != cfg.model.name:
-        raise ValueError(
-            f"{field}: {checkpoint!r} holds a {meta.get('model')!r} model, the config asks for {cfg.model.name!r}."
-        )
     try:
         check_theta0(variables, model_shapes(cfg), head=cfg.model.head, uri=checkpoint, field=field)
     except ValueError as e:
