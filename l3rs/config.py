@@ -481,6 +481,25 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**kwargs)
 
 
+def _expand_dotted(values: Any, section: str) -> Any:
+    """``{"classes.pretrain": [0]}`` -> ``{"classes": {"pretrain": [0]}}`` (what ``--set data.classes.pretrain=[0]``
+    gives), merged into the table of the same name if there is one."""
+    if not isinstance(values, dict) or not any("." in k for k in values):
+        return values
+    out = copy.deepcopy({k: v for k, v in values.items() if "." not in k})
+    for key, value in values.items():
+        if "." not in key:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{section}.{part}: is not a table; cannot set {section}.{key}.")
+        node[leaf] = value
+    return out
+
+
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Builds and validates a :class:`Config` from a nested dict (the parsed TOML)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -490,7 +509,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     built = {}
     for name, f in sections.items():
         cls = f.default_factory().__class__ if f.default_factory is not dataclasses.MISSING else f.type
-        built[name] = _build(cls, d.get(name, {}), name)
+        built[name] = _build(cls, _expand_dotted(d.get(name, {}), name), name)
     return Config(**built).validate()
 
 

@@ -317,3 +317,17 @@ def test_python_api_pretrain_and_evaluate(user_module, tmp_path):
     assert {r["setting"] for r in res.rows} == {"A"} and "K" in res.summary
     with pytest.raises(ValueError, match=r"^psi: no ψ artifact"):
         l3rs.evaluate(cfg, psi=str(tmp_path / "none"))
+
+
+def test_dotted_keys_inside_a_section_reach_nested_tables():
+    """``l3rs ... --set data.classes.meta_test=[7, 8, 9]`` arrives as {"data": {"classes.meta_test": [...]}}."""
+    raw = digits()
+    raw["data"].update({"classes": {"pretrain": "0:4"}, "classes.meta_train": [4, 5, 6], "classes.meta_test": "rest"})
+    spec = config_from_dict(raw).data.spec()
+    assert (spec.pretrain_classes, spec.meta_train_classes, spec.meta_test_classes) == (
+        (0, 1, 2, 3),
+        (4, 5, 6),
+        (7, 8, 9),
+    )
+    raw["data"]["classes.meta_test"] = [6, 7]
+    refused(raw, "data.classes.meta_test")
