@@ -72,33 +72,21 @@ def _connect(address: str | None, cfg=None, dashboard: bool = False) -> None:
 # commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args) -> int:
-    from l3rs.meta.pretrain import pretrain
+    from l3rs.api import pretrain
     from l3rs.service.driver import resolve_paths
 
     cfg = resolve_paths(_load(args))
     p = cfg.pretrain
-    result = pretrain(
-        dataset=cfg.data.dataset,
-        model_name=cfg.model.name,
-        steps=p.steps,
-        batch_size=p.batch_size,
-        learning_rate=p.learning_rate,
-        seed=p.seed,
-        data_dir=cfg.data.data_dir or None,
-        output=p.output,
-    )
+    result = pretrain(cfg)
     print(json.dumps({k: result.meta[k] for k in ("model", "dataset", "test_accuracy", "steps", "seconds")}))
     print(f"checkpoint: {p.output}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from l3rs.service.driver import Driver
+    from l3rs.api import train
 
-    cfg = _load(args)
-    driver = Driver(cfg)  # validates paths before Ray starts
-    _connect(args.address, cfg, dashboard=args.dashboard)
-    result = driver.run()
+    result = train(_load(args), address=args.address, dashboard=args.dashboard)
     print(
         json.dumps(
             {
@@ -132,6 +120,9 @@ def cmd_submit(args) -> int:
     config_rel = os.path.relpath(os.path.abspath(args.config), os.getcwd())
     if config_rel.startswith(".."):
         raise SystemExit("submit: the config must be inside the current directory (it is uploaded as working_dir).")
+    if cfg.model.module_path and os.path.relpath(os.path.abspath(cfg.model.module_path), os.getcwd()).startswith(".."):
+        # The job and its workers import the user's model from the uploaded working_dir (their cwd).
+        raise SystemExit("submit: model.module_path must be inside the current directory (uploaded as working_dir).")
     entry = ["python", "-m", "l3rs.cli", "train", "--config", config_rel] + sum((["--set", s] for s in sets), [])
     if args.run_name:
         entry += ["--run-name", args.run_name]

@@ -152,17 +152,9 @@ def velo_og_artifacts(path: str) -> list[Artifact]:
 
 def model_params_shapes(cfg: Config) -> Any:
     """The shapes (``jax.ShapeDtypeStruct`` leaves) of ``model.name``'s params on ``data.dataset``'s images."""
-    import jax
+    from l3rs.meta.runner import model_shapes
 
-    from l3rs.data import get_spec
-    from l3rs.meta.runner import model_for
-    from l3rs.models import init_variables
-
-    module = model_for(cfg)
-    shapes = jax.eval_shape(
-        lambda k: init_variables(module, k, get_spec(cfg.data.dataset).image_shape), jax.random.key(0)
-    )
-    return shapes["params"]
+    return model_shapes(cfg)["params"]
 
 
 def build_optimizers(cfg: Config, artifacts: Sequence[Artifact]) -> list[OptimizerSpec]:

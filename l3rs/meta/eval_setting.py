@@ -66,7 +66,13 @@ class _SettingRunner:
                 continue
             fn = learned_optimizer_fn(o.config, o.psi) if o.kind == "learned" else adam_optimizer_fn(o.schedule)
             self.loops[key] = InnerLoop(
-                module, variables0, self.pool, fn, num_classes=cfg.task.num_classes, train_scope=o.train_scope
+                module,
+                variables0,
+                self.pool,
+                fn,
+                num_classes=cfg.task.num_classes,
+                train_scope=o.train_scope,
+                head=cfg.model.head,
             )
         self._counted = 0
 

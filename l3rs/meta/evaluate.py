@@ -170,7 +170,12 @@ def run_evaluation(
     for message in skipped.values():
         print(f"l3rs evaluate: {message}", file=sys.stderr)
     # Which classes θ0, meta-training and the tasks used, per setting: read before any work, stated in the report.
-    classes = {s.name: classes_for_setting(s, cfg.task.num_classes, named, root=cfg.run.storage) for s in specs}
+    classes = {
+        s.name: classes_for_setting(
+            s, cfg.task.num_classes, named, root=cfg.run.storage, dataset_spec=cfg.data.spec(s.dataset)
+        )
+        for s in specs
+    }
     seeds = {s.name: eval_task_seeds(cfg, s.name, num_tasks) for s in specs}
     history = history if history is not None else _find_history(psi_dirs)
     per_k = sum(1 for o in optimizers if not (o.is_adam and o.schedule == "constant"))

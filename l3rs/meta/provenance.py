@@ -136,8 +136,11 @@ def meta_train_classes(label: str, meta: dict[str, Any], *, name: str = "") -> d
         pass
     if spec is not None:
         out["train_split"], out["eval_split"] = spec.train_split, spec.valid_split
-    if meta.get("meta_train_classes") is not None:
-        out["classes"] = sorted(int(c) for c in meta["meta_train_classes"])
+    recorded = meta.get("meta_train_classes")
+    if recorded is None and isinstance(meta.get("classes"), dict):
+        recorded = meta["classes"].get("meta_train")  # written by the driver since datasets take class splits
+    if recorded is not None:
+        out["classes"] = sorted(int(c) for c in recorded)
         out["source"] = "the artifact's metadata"
     elif spec is not None:
         out["classes"] = sorted(int(c) for c in spec.meta_train_classes)
@@ -148,7 +151,7 @@ def meta_train_classes(label: str, meta: dict[str, Any], *, name: str = "") -> d
 
 
 def setting_classes(
-    dataset: str,
+    dataset: Any,
     num_ways: int,
     theta0: dict[str, Any],
     meta_train: Sequence[dict[str, Any]],
@@ -158,7 +161,8 @@ def setting_classes(
     ``num_ways``-way, splits) and ``relation`` of the evaluation classes to each (:func:`relation`)."""
     from l3rs.data import get_spec
 
-    spec = get_spec(dataset)
+    spec = get_spec(dataset)  # a name (its preset) or a resolved DatasetSpec
+    dataset = spec.name
     evaluation = {
         "dataset": dataset,
         "classes": sorted(int(c) for c in spec.meta_test_classes),
@@ -245,11 +249,18 @@ def class_statement(classes: dict[str, Any]) -> list[str]:
 
 
 def classes_for_setting(
-    spec: Any, num_ways: int, artifacts: Sequence[tuple[str, dict[str, Any], str]], *, root: str | None = None
+    spec: Any,
+    num_ways: int,
+    artifacts: Sequence[tuple[str, dict[str, Any], str]],
+    *,
+    root: str | None = None,
+    dataset_spec: Any = None,
 ) -> dict[str, Any]:
     """:func:`setting_classes` of a :class:`l3rs.meta.settings.SettingSpec`: θ0 read from its checkpoint, one
     meta-training entry per ``(label, metadata, name)`` of the evaluated artifacts (``name``: how the report names
-    the artifact). ``root`` (``run.storage``) names the artifacts' own θ0 (:func:`l3rs.names.display_uri`)."""
+    the artifact). ``root`` (``run.storage``) names the artifacts' own θ0 (:func:`l3rs.names.display_uri`).
+    ``dataset_spec``: the tasks' resolved :class:`l3rs.data.DatasetSpec` (a config's own class split); default: the
+    preset of ``spec.dataset``."""
     from l3rs.names import display_uri
 
     theta0 = theta0_classes(spec.checkpoint, spec.checkpoint_name or spec.checkpoint)
@@ -259,4 +270,4 @@ def classes_for_setting(
         if meta.get("model_checkpoint"):
             entry["theta0"] = display_uri(str(meta["model_checkpoint"]), root=root)
         meta_train.append(entry)
-    return setting_classes(spec.dataset, num_ways, theta0, meta_train)
+    return setting_classes(dataset_spec if dataset_spec is not None else spec.dataset, num_ways, theta0, meta_train)

@@ -17,13 +17,11 @@ the train split, the eval batch from the test split) with seeds from a stream of
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from l3rs import storage
 from l3rs.config import Config, ConfigError
 from l3rs.names import display_uri
 
@@ -119,8 +117,8 @@ def plan_settings(cfg: Config, settings: Sequence[str] | None) -> tuple[list[Set
       ConfigError: naming the field (``evaluate.settings``, ``model.checkpoint``, ``evaluate.other_checkpoint``,
         ``evaluate.other_dataset``).
     """
-    from l3rs.data import get_spec
-    from l3rs.meta.pretrain import META_FILE
+    from l3rs.checkpoint import theta0_format
+    from l3rs.meta.runner import load_theta0
 
     names = list(settings if settings is not None else cfg.evaluate.settings)
     unknown = [s for s in names if s not in SETTINGS]
@@ -130,7 +128,7 @@ def plan_settings(cfg: Config, settings: Sequence[str] | None) -> tuple[list[Set
     for name in dict.fromkeys(names):
         spec = setting_spec(cfg, name)
         home = spec.checkpoint == absolute_uri(cfg.model.checkpoint)
-        if spec.checkpoint != "random" and not storage.exists(storage.join(spec.checkpoint, META_FILE)):
+        if spec.checkpoint != "random" and theta0_format(spec.checkpoint) is None:
             if home:
                 raise ConfigError(
                     f"model.checkpoint: no pretrained checkpoint at {cfg.model.checkpoint!r} (needed by setting "
@@ -144,13 +142,11 @@ def plan_settings(cfg: Config, settings: Sequence[str] | None) -> tuple[list[Set
             )
             continue
         if spec.checkpoint != "random":
-            ckpt_model = json.loads(storage.read_bytes(storage.join(spec.checkpoint, META_FILE))).get("model")
-            if ckpt_model != cfg.model.name:
-                field = "model.checkpoint" if home else "evaluate.other_checkpoint"
-                raise ConfigError(
-                    f"{field}: {spec.checkpoint!r} holds a {ckpt_model!r} model, model.name is {cfg.model.name!r}."
-                )
-        available = len(get_spec(spec.dataset).meta_test_classes)
+            try:  # the model it holds, and its shapes
+                load_theta0(cfg, spec.checkpoint, field="model.checkpoint" if home else "evaluate.other_checkpoint")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        available = len(cfg.data.spec(spec.dataset).meta_test_classes)
         if cfg.task.num_classes > available:
             raise ConfigError(
                 f"evaluate.other_dataset: {spec.dataset} has {available} meta-test classes, fewer than "
@@ -190,7 +186,7 @@ def eval_distribution(cfg: Config, dataset: str, num_steps: int | None = None):
 
     k = int(num_steps or max(cfg.evaluate.k_grid))
     return TaskDistribution(
-        dataset=dataset,
+        dataset=cfg.data.spec(dataset),
         stage="meta_test",
         num_classes=cfg.task.num_classes,
         batch_size=cfg.task.batch_size,

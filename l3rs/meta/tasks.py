@@ -8,9 +8,12 @@ images of the distribution's classes, which a worker loads once and keeps on its
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from l3rs.data import DatasetSpec
 
 __all__ = [
     "TaskDistribution",
@@ -30,7 +33,7 @@ class TaskDistribution:
     """Which tasks to sample.
 
     Attributes:
-      dataset: tfds name (see ``l3rs.data.get_spec``).
+      dataset: a preset's name or a :class:`l3rs.data.DatasetSpec` (see ``l3rs.data.get_spec``).
       stage: ``"meta_train"`` (classes ``meta_train_classes``; eval batch from the valid split) or ``"meta_test"``
         (classes ``meta_test_classes``; eval batch from the test split, images never seen in meta-training).
       num_classes: N, the task's way.
@@ -44,7 +47,7 @@ class TaskDistribution:
         it always did.
     """
 
-    dataset: str
+    dataset: str | DatasetSpec
     stage: Stage = "meta_train"
     num_classes: int = 5
     batch_size: int = 64

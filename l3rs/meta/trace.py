@@ -42,14 +42,14 @@ def trace_layer_stats(
     task = sample_task(seed, dist, pool)
     variables0, _ = load_theta0(cfg, spec.checkpoint)
     module = model_for(cfg)
-    params = fresh_head(variables0["params"], jax.random.key(task.head_seed), cfg.task.num_classes)
+    params = fresh_head(variables0["params"], jax.random.key(task.head_seed), cfg.task.num_classes, cfg.model.head)
     model_state = {k: v for k, v in variables0.items() if k != "params"}
     tx = l3rs(optimizer.psi, optimizer.config, num_steps)
     paths = list(layer_paths(params))
     if optimizer.train_scope == "head":
-        mask = jax.tree.leaves(head_mask(params))
+        mask = jax.tree.leaves(head_mask(params, cfg.model.head))
         paths = [p for p, m in zip(paths, mask, strict=True) if m]
-        tx = head_only(tx, params)
+        tx = head_only(tx, params, cfg.model.head)
     opt_state = tx.init(params)
     train_images, eval_images = jax.device_put(pool.train_images), jax.device_put(pool.eval_images)
 

@@ -39,7 +39,8 @@ log = logging.getLogger("l3rs.driver")
 # Sections whose change alters the math of a run: resuming with a different value is refused.
 _RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes")
 # ... except these: where the run folder lives, how often it checkpoints, and how long it runs (extending a run).
-_RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations")}
+_RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations"),
+                      ("model", "module_path")}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +100,23 @@ class Driver:
         except (OSError, ValueError) as e:
             raise ConfigError(f"run.storage: {self.cfg.run.storage!r} is not writable: {e}") from None
         if self.cfg.model.checkpoint != "random":
-            from l3rs.meta.pretrain import META_FILE
+            from l3rs.meta.runner import load_theta0
 
-            if not storage.exists(storage.join(self.cfg.model.checkpoint, META_FILE)):
-                raise ConfigError(
-                    f"model.checkpoint: no pretrained checkpoint at {self.cfg.model.checkpoint!r}; "
-                    'run `l3rs pretrain --config ...` first or set checkpoint = "random".'
-                )
+            try:  # exists, is a θ0 format we read, and fits the model's shapes
+                load_theta0(self.cfg)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         config_uri = storage.join(self.run_dir, "config.json")
         current = json.loads(json.dumps(self.cfg.to_dict()))  # as saved: tuples become lists
         if storage.exists(config_uri):
             saved = json.loads(storage.read_bytes(config_uri))
+            defaults = json.loads(json.dumps(Config().to_dict()))
             for section in _RESUME_SECTIONS + ("run",):
                 for key, value in current[section].items():
                     if (section, key) in _RESUME_MAY_CHANGE:
                         continue
+                    if key not in saved.get(section, {}) and value == defaults[section].get(key):
+                        continue  # a field newer than the saved run, at its default
                     if saved.get(section, {}).get(key) != value:
                         raise ConfigError(
                             f"{section}.{key}: run {self.cfg.run.name!r} already exists in {self.run_dir} with "
@@ -159,8 +162,14 @@ class Driver:
             {
                 "run_name": self.cfg.run.name,
                 "model": self.cfg.model.name,
+                "model_options": dict(self.cfg.model.options),
+                "model_head": self.cfg.model.head,
                 "model_checkpoint": self.cfg.model.checkpoint,
                 "dataset": self.cfg.data.dataset,
+                "classes": {
+                    k: list(getattr(self.cfg.data.spec(), f"{k}_classes"))
+                    for k in ("pretrain", "meta_train", "meta_test")
+                },
                 "num_classes": self.cfg.task.num_classes,
                 "k_range": [self.cfg.task.k_min, self.cfg.task.k_max],
                 "train_scope": self.cfg.task.train_scope,
