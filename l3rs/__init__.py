@@ -16,6 +16,7 @@ Meta-training for your own domain (model, dataset, θ0) from Python, as the CLI 
     res = l3rs.evaluate(cfg, psi=run.psi_uri)  # res.rows, res.summary
 """
 
+from l3rs._version import __version__ as __version__
 from l3rs.api import EvaluationResult, evaluate, pretrain, train
 from l3rs.artifact import load, load_psi
 from l3rs.config import Config, ConfigError
@@ -47,8 +48,6 @@ from l3rs.optim import (
     vector_to_psi,
     velo,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Config",

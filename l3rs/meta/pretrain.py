@@ -34,10 +34,10 @@ class PretrainResult:
 def _versions() -> dict[str, str]:
     import flax
 
-    import l3rs
+    from l3rs._version import __version__
 
     return {
-        "l3rs": l3rs.__version__,
+        "l3rs": __version__,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "optax": optax.__version__,

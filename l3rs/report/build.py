@@ -53,9 +53,9 @@ def _versions() -> dict[str, str]:
     import jax
     import optax
 
-    import l3rs
+    from l3rs._version import __version__
 
-    return {"l3rs": l3rs.__version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+    return {"l3rs": __version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
 def read_history(uri: str) -> list[dict[str, Any]]:
