@@ -3,16 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup tools demo test lint bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed tools
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions from constraints.txt (the same pins the Docker images install), so CI and every machine test the
+# same dependency set; `pip install -c` pins whatever of the closure gets installed.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	bash scripts/install_data.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# System tools for the tests (Prometheus, unpacked into .tools/); idempotent and quick once installed.
+tools:
+	bash scripts/install_system.sh
 
 demo: setup
 	$(VENV)/bin/l3rs demo

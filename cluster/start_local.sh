@@ -14,6 +14,7 @@
 #   --dashboard-port N    [L3RS_DASHBOARD_PORT=8265] dashboard + Jobs API
 #   --metrics-port N      [L3RS_METRICS_PORT=8080] Prometheus endpoint of the head
 #   --client-port N       [L3RS_CLIENT_PORT=10001] Ray Client server (ray://) of the head
+#                         (ports inside Ray's worker port range, 10002-19999, are refused: ray start would refuse them)
 #   --num-cpus N          [NUM_CPUS=all cores]
 #   --num-gpus N          [NUM_GPUS=0]
 #   --temp-dir DIR        [RAY_TEMP_DIR=Ray's /tmp/ray] session files and logs
@@ -83,10 +84,37 @@ head_log="$L3RS_CLUSTER_DIR/head.log"
 if l3rs_alive "$head_pid"; then
   l3rs_die "a head started by this script is already running (pid $(cat "$head_pid")); stop it: $here/stop_local.sh"
 fi
+# Ports for a second cluster on this machine: above Ray's default worker port range (10002-19999), where `ray start`
+# refuses fixed ports unless the worker range is moved too (--min-worker-port / --max-worker-port after --).
+# The hint names the first such set that is free now.
+other_ports=""
+for d in 2 3 4 5; do
+  l3rs_port_open "$L3RS_RAY_HOST" "${d}6379" || l3rs_port_open "$L3RS_RAY_HOST" "${d}8265" ||
+    l3rs_port_open "$L3RS_RAY_HOST" "${d}8080" || l3rs_port_open "$L3RS_RAY_HOST" "${d}0001" || {
+    other_ports="--port ${d}6379 --dashboard-port ${d}8265 --metrics-port ${d}8080 --client-port ${d}0001"
+    break
+  }
+done
+other_ports="${other_ports:---port 26379 --dashboard-port 28265 --metrics-port 28080 --client-port 20001}"
+case " ${extra[*]-} " in
+  *" --min-worker-port"* | *" --max-worker-port"* | *" --worker-port-list"*) worker_range_moved=1 ;;
+  *) worker_range_moved=0 ;;
+esac
+for name_port in "--port=$L3RS_RAY_PORT" "--dashboard-port=$L3RS_DASHBOARD_PORT" "--metrics-port=$L3RS_METRICS_PORT" \
+  "--client-port=$L3RS_CLIENT_PORT"; do
+  name="${name_port%%=*}" port="${name_port#*=}"
+  case "$port" in
+    '' | *[!0-9]*) l3rs_die "$name must be a port number, got '$port'." ;;
+  esac
+  [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || l3rs_die "$name must be a port number (1-65535), got $port."
+  if [ "$worker_range_moved" = 0 ] && [ "$port" -ge 10002 ] && [ "$port" -le 19999 ]; then
+    l3rs_die "$name $port is inside Ray's worker port range (10002-19999), which ray start refuses; choose" \
+      "ports above 20000, e.g. $0 $other_ports"
+  fi
+done
 for port in "$L3RS_RAY_PORT" "$L3RS_DASHBOARD_PORT" "$L3RS_METRICS_PORT" "$L3RS_CLIENT_PORT"; do
   if l3rs_port_open "$L3RS_RAY_HOST" "$port"; then
-    l3rs_die "port $port on $L3RS_RAY_HOST is in use (another Ray cluster?); choose others, e.g." \
-      "$0 --port 16379 --dashboard-port 18265 --metrics-port 18080 --client-port 11001"
+    l3rs_die "port $port on $L3RS_RAY_HOST is in use (another Ray cluster?); choose others, e.g. $0 $other_ports"
   fi
 done
 

@@ -8,9 +8,18 @@ The public API lives here; everything else may change.
     tx = l3rs.l3rs(psi, config, total_steps=500)       # or: tx = l3rs.load("runs/NAME/psi", total_steps=500)
     state = tx.init(params)
     updates, state = tx.update(grads, state, params, value=loss)
+
+Meta-training for your own domain (model, dataset, θ0) from Python, as the CLI does it:
+
+    cfg = l3rs.Config.from_toml("my_domain.toml").replace({"nes.generations": 50})
+    run = l3rs.train(cfg)                      # run.psi_uri, run.history
+    res = l3rs.evaluate(cfg, psi=run.psi_uri)  # res.rows, res.summary
 """
 
+from l3rs._version import __version__ as __version__
+from l3rs.api import EvaluationResult, evaluate, pretrain, train
 from l3rs.artifact import load, load_psi
+from l3rs.config import Config, ConfigError
 from l3rs.optim import (
     BUILTIN_DIRECTIONS,
     FAMILIES,
@@ -40,9 +49,13 @@ from l3rs.optim import (
     velo,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "Config",
+    "ConfigError",
+    "EvaluationResult",
+    "evaluate",
+    "pretrain",
+    "train",
     "VeLOConfig",
     "VeLOState",
     "init_velo",

@@ -52,7 +52,7 @@ def save_artifact(uri: str, psi: Any, config: Any, meta: dict[str, Any]) -> dict
     """Writes the artifact folder atomically file by file; ``metadata.json`` (with the checksum) goes last."""
     import flax
 
-    import l3rs
+    from l3rs._version import __version__
 
     blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, serialization.to_state_dict(psi)))
     full_meta = {
@@ -64,7 +64,7 @@ def save_artifact(uri: str, psi: Any, config: Any, meta: dict[str, Any]) -> dict
         "sha256": hashlib.sha256(blob).hexdigest(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": {
-            "l3rs": l3rs.__version__,
+            "l3rs": __version__,
             "jax": jax.__version__,
             "flax": flax.__version__,
             "optax": optax.__version__,

@@ -14,6 +14,9 @@ checkpoint.
 
     save_checkpoint(run_dir, state.generation, {"nes": nes.state_to_dict(state), "history": "[...]"})
     found = load_latest_checkpoint(run_dir)   # None, or (generation, state dict)
+
+The second half reads θ0, the model checkpoint a run starts from (:func:`read_theta0`: an ``l3rs pretrain`` folder, a
+flax msgpack file or an Orbax checkpoint) and checks it against the model's shapes (:func:`check_theta0`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ __all__ = [
     "load_latest_checkpoint",
     "save_json_atomic",
     "load_json",
+    "THETA0_FORMATS",
+    "theta0_format",
+    "read_theta0",
+    "check_theta0",
 ]
 
 log = logging.getLogger("l3rs.checkpoint")
@@ -195,3 +202,112 @@ def save_json_atomic(uri: str, obj: Any) -> None:
 
 def load_json(uri: str) -> Any:
     return json.loads(storage.read_bytes(uri))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# θ0: the model checkpoint a run fine-tunes from (``[model] checkpoint``), in any of three formats
+# ----------------------------------------------------------------------------------------------------------------
+THETA0_FORMATS = ("l3rs-pretrain", "flax-msgpack", "orbax")
+"""What ``[model] checkpoint`` may hold: a folder written by ``l3rs pretrain`` (``meta.json`` + ``variables.msgpack``),
+a flax msgpack file (``flax.serialization.msgpack_serialize`` of the params or of the variables), or an Orbax
+checkpoint folder (a PyTree checkpoint, e.g. ``orbax.checkpoint.StandardCheckpointer().save(path, params)``)."""
+
+
+def theta0_format(uri: str) -> str | None:
+    """Which of :data:`THETA0_FORMATS` ``uri`` (local path or URI) holds; None if none."""
+    from l3rs.meta.pretrain import META_FILE
+
+    if storage.exists(storage.join(uri, META_FILE)):  # its variables file is checked when read
+        return "l3rs-pretrain"
+    if any(storage.exists(storage.join(uri, name)) for name in ("_METADATA", "_CHECKPOINT_METADATA")):
+        return "orbax"
+    if uri.rstrip("/").endswith(".msgpack") and storage.exists(uri):
+        return "flax-msgpack"
+    return None
+
+
+def _orbax_path(uri: str) -> str:
+    import os
+
+    if storage.is_local(uri):
+        return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    return uri
+
+
+def read_theta0(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """θ0 as flax variables (``{"params": ..., "batch_stats": ...}``, numpy arrays) and its metadata.
+
+    A tree without a top-level ``params`` table is taken to be the params themselves. The metadata of an ``l3rs
+    pretrain`` folder is its ``meta.json`` (the checksum is verified); other formats give ``{"format", "source"}``.
+
+    Raises:
+      ValueError: naming ``model.checkpoint``: nothing usable at ``uri``, or a file that does not decode.
+    """
+    fmt = theta0_format(uri)
+    if fmt is None:
+        raise ValueError(
+            f"model.checkpoint: no θ0 at {uri!r}: expected a folder written by `l3rs pretrain`, a flax msgpack file "
+            "(*.msgpack) or an Orbax checkpoint folder; make one with `l3rs pretrain --config ...` or set checkpoint "
+            '= "random".'
+        )
+    if fmt == "l3rs-pretrain":
+        from l3rs.meta.pretrain import load_variables
+
+        tree, meta = load_variables(uri)
+    else:
+        try:
+            if fmt == "flax-msgpack":
+                from flax import serialization
+
+                tree = serialization.msgpack_restore(storage.read_bytes(uri))
+            else:
+                import orbax.checkpoint as ocp
+
+                tree = ocp.PyTreeCheckpointer().restore(_orbax_path(uri))
+        except Exception as e:  # msgpack / orbax raise many unrelated types on bad input
+            raise ValueError(f"model.checkpoint: {uri!r} is not a readable {fmt} checkpoint: "
+                             f"{type(e).__name__}: {e}") from None  # fmt: skip
+        meta = {"format": fmt, "source": uri}
+    if not isinstance(tree, dict) or not tree:
+        raise ValueError(f"model.checkpoint: {uri!r} holds a {type(tree).__name__}, not a tree of parameters.")
+    variables = tree if isinstance(tree.get("params"), dict) else {"params": tree}
+    import jax
+
+    return jax.tree.map(np.asarray, variables), meta
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x)) for path, x in flat}
+
+
+def check_theta0(
+    variables: Any, expected: Any, *, head: str = "head", uri: str = "", field: str = "model.checkpoint"
+) -> None:
+    """Checks θ0 against the model's variable shapes (e.g. ``jax.eval_shape`` of its init).
+
+    The head may have another width (θ0 was pretrained on other classes; every task puts a fresh head there), but
+    not another number of input features.
+
+    Raises:
+      ValueError: naming ``field`` and the first path (in sorted order) where the trees differ: a layer one has and
+        the other lacks, or another shape.
+    """
+    got, want = _flat_shapes(variables), _flat_shapes(expected)
+    head_prefix = "params/" + head.strip("/") + "/"
+    where = f"{field}: {uri!r}" if uri else f"{field}:"
+    for path in sorted(set(got) | set(want)):
+        if path not in got:
+            raise ValueError(f"{where} does not fit the model: it lacks {path} (shape {want[path]}).")
+        if path not in want:
+            raise ValueError(f"{where} does not fit the model: it has {path} {got[path]}, which the model lacks.")
+        a, b = got[path], want[path]
+        if path.startswith(head_prefix):
+            a, b = a[:-1], b[:-1]  # the head's width is free
+        if a != b:
+            raise ValueError(
+                f"{where} does not fit the model: {path} has shape {got[path]} in the checkpoint, {want[path]} in "
+                "the model."
+            )

@@ -179,33 +179,29 @@ def _stop_on_signals() -> dict[str, int | None]:
 # commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args) -> int:
-    from l3rs.meta.pretrain import pretrain
+    from l3rs.api import pretrain
     from l3rs.service.driver import resolve_paths
     from l3rs.service.preflight import check_location
 
     cfg = resolve_paths(_load(args))
     p = cfg.pretrain
     check_location(p.output, "pretrain.output")  # before the work, not after it
-    result = pretrain(
-        dataset=cfg.data.dataset,
-        model_name=cfg.model.name,
-        steps=p.steps,
-        batch_size=p.batch_size,
-        learning_rate=p.learning_rate,
-        seed=p.seed,
-        data_dir=cfg.data.data_dir or None,
-        output=p.output,
-    )
+    result = pretrain(cfg)
     print(json.dumps({k: result.meta[k] for k in ("model", "dataset", "test_accuracy", "steps", "seconds")}))
     print(f"checkpoint: {p.output}")
     return 0
 
 
 def cmd_train(args) -> int:
+    # What l3rs.api.train does, with the CLI's address checks and signal handling around the driver.
     from l3rs.service.driver import Driver
 
     cfg = _load(args)
     driver = Driver(cfg)  # validates paths before Ray starts
+    if driver.cfg.model.checkpoint != "random":  # θ0 exists, is readable and fits the model: before Ray starts
+        from l3rs.service.preflight import check_checkpoint
+
+        check_checkpoint(driver.cfg)
     _connect(args.address, cfg, dashboard=args.dashboard)
     _stop_on_signals()
     try:
@@ -262,6 +258,9 @@ def cmd_submit(args) -> int:
     config_rel = os.path.relpath(os.path.abspath(args.config), os.getcwd())
     if config_rel.startswith(".."):
         raise CLIError("the config must be inside the current directory (it is uploaded as working_dir).")
+    if cfg.model.module_path and os.path.relpath(os.path.abspath(cfg.model.module_path), os.getcwd()).startswith(".."):
+        # The job and its workers import the user's model from the uploaded working_dir (their cwd).
+        raise CLIError("model.module_path must be inside the current directory (uploaded as working_dir).")
     address = _dashboard(args)
     info = probe_dashboard(address)
     # The head sees this machine's files only if it runs here: decided by its session folder, not by 127.0.0.1

@@ -6,7 +6,10 @@ keys are errors too (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
 import math
 import tomllib
 import types
@@ -53,30 +56,130 @@ class RunSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
+    """The dataset: a preset name or any tfds image-classification dataset, with its class splits.
+
+    ``dataset`` alone picks the preset of that name (:data:`l3rs.data.SPECS`); every other field overrides it (or,
+    for a dataset without a preset, the defaults derived from its ``DatasetInfo``). See :mod:`l3rs.data.spec`.
+    """
+
     dataset: str = "fashion_mnist_debian"
     data_dir: str = ""
+    preset: str = ""  # "" = the preset named like `dataset` (if any); a preset's name; or "none"
+    classes: dict[str, Any] = dataclasses.field(default_factory=dict)  # [data.classes] pretrain/meta_train/meta_test
+    allow_overlap: bool = False  # let class splits share classes (they are disjoint by default)
+    image_size: tuple[int, ...] = ()  # [H, W] or [H, W, C]; default: the preset's, else the dataset's own
+    train_split: str = ""  # tfds splits (slices allowed); default: the preset's, else from DatasetInfo
+    valid_split: str = ""
+    test_split: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, str) or not hasattr(self.image_size, "__iter__"):
+            raise ConfigError(f"data.image_size: expected [height, width] or [height, width, channels], got "
+                              f"{self.image_size!r}.")  # fmt: skip
+        object.__setattr__(self, "image_size", tuple(self.image_size))
 
     def validate(self) -> None:
-        from l3rs.data import get_spec
+        for name in ("dataset", "data_dir", "preset", "train_split", "valid_split", "test_split"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"data.{name}: expected a string, got {getattr(self, name)!r}.")
+        if not isinstance(self.allow_overlap, bool):
+            raise ConfigError(f"data.allow_overlap: expected true or false, got {self.allow_overlap!r}.")
+        if not isinstance(self.classes, dict):
+            raise ConfigError(f'data.classes: expected a table like {{ pretrain = "0:5" }}, got {self.classes!r}.')
+        self.spec()
 
-        try:
-            get_spec(self.dataset)
-        except ValueError as e:
-            raise ConfigError(f"data.dataset: {e}") from None
+    def spec(self, name: Any = None) -> Any:
+        """The resolved :class:`l3rs.data.DatasetSpec` of this section (for a preset without overrides: the preset).
+
+        ``name``: another dataset to resolve instead (e.g. ``evaluate.other_dataset``); this section's spec when it
+        is None or this section's ``dataset``. Raises ConfigError naming the field.
+        """
+        from l3rs.data import DatasetSpec, get_spec
+
+        if isinstance(name, DatasetSpec):
+            return name
+        if name is not None and name != self.dataset:
+            try:
+                return get_spec(name)
+            except ValueError as e:
+                raise ConfigError(f"data.dataset: {e}") from None
+        key = json.dumps(
+            [self.dataset, self.preset, self.classes, self.allow_overlap, list(self.image_size), self.train_split,
+             self.valid_split, self.test_split, self.data_dir], sort_keys=True, default=str,
+        )  # fmt: skip
+        return _resolve_spec_cached(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _resolve_spec_cached(key: str) -> Any:
+    from l3rs.data.spec import resolve_spec
+
+    dataset, preset, classes, overlap, size, train, valid, test, data_dir = json.loads(key)
+    try:
+        return resolve_spec(dataset, preset=preset, classes=classes, allow_overlap=overlap, image_size=size,
+                            train_split=train, valid_split=valid, test_split=test, data_dir=data_dir)  # fmt: skip
+    except ValueError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("data.") else f"data.dataset: {msg}") from None
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
+    """The model and its θ0.
+
+    ``name`` is a preset (``small_cnn``, ``resnet18``, ``resnet34``) or the import path of your own flax linen module,
+    ``"package.module:Class"``, imported from ``module_path`` (a folder; relative paths are relative to the current
+    directory, which ``l3rs submit`` uploads as the job's working_dir). ``options`` are the module's keyword fields;
+    ``head`` the path of its classifier layer (re-initialised for each task). ``checkpoint`` is θ0: a folder written by
+    ``l3rs pretrain``, a flax msgpack file or an Orbax checkpoint of the params (or variables), local or a URI; or
+    ``"random"``.
+    """
+
     name: str = "small_cnn"
-    checkpoint: str = "runs/pretrain-fmnist"  # θ0 written by `l3rs pretrain`, or "random"
+    checkpoint: str = "runs/pretrain-fmnist"  # θ0: an `l3rs pretrain` folder, a .msgpack / Orbax checkpoint, "random"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # [model.options]: the module's keyword fields
+    head: str = "head"  # path of the classifier layer in params ("head", or nested: "classifier/out")
+    module_path: str = ""  # folder to import `name` from ("" = the current sys.path)
 
     def validate(self) -> None:
-        from l3rs.models import MODELS
+        from l3rs.models import head_path, import_model, model_options
 
-        if self.name not in MODELS:
-            raise ConfigError(f"model.name: unknown model {self.name!r}; known: {sorted(MODELS)}.")
+        for name in ("name", "checkpoint", "head", "module_path"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"model.{name}: expected a string, got {getattr(self, name)!r}.")
         if not self.checkpoint:
             raise ConfigError('model.checkpoint: a checkpoint path/URI or "random" is required.')
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"model.options: expected a table of the model's keyword fields, got {self.options!r}.")
+        try:
+            head_path(self.head)
+            cls = import_model(self.name, self.module_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        known = model_options(cls)
+        if "num_classes" not in known:
+            raise ConfigError(f"model.name: {self.name!r} takes no num_classes field (its fields: {sorted(known)}).")
+        known -= {"num_classes"}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise ConfigError(f"model.options.{unknown[0]}: {self.name!r} has no such field; known: {sorted(known)}.")
+
+    def create(self, num_classes: int) -> Any:
+        """The flax module with a ``num_classes``-way head. Raises ConfigError naming ``model.*``."""
+        from l3rs.models import create
+
+        try:
+            return create(self.name, num_classes, module_path=self.module_path, **self.options)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("model.") else f"model.options: {msg}") from None
+
+    @property
+    def is_preset(self) -> bool:
+        """A built-in model with its default head (whose layers are known: no trace needed to check them)."""
+        from l3rs.models import HEAD, MODELS
+
+        return self.name in MODELS and self.head == HEAD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +206,7 @@ class TaskSection:
     k_min: int = 10
     k_max: int = 100
     train_scope: str = "all"  # "all" | "head"
+    truncation_prob: float = 0.0  # chance a task runs fewer steps than the K the optimizer is told (l3rs.meta.tasks)
 
     def validate(self) -> None:
         _positive("task.num_classes", self.num_classes)
@@ -116,6 +220,8 @@ class TaskSection:
             raise ConfigError(f"task.k_min: {self.k_min} is larger than task.k_max = {self.k_max}.")
         if self.train_scope not in ("all", "head"):
             raise ConfigError(f'task.train_scope: {self.train_scope!r} must be "all" or "head".')
+        if not 0.0 <= self.truncation_prob <= 1.0:
+            raise ConfigError(f"task.truncation_prob: must lie in [0, 1], got {self.truncation_prob}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +347,7 @@ class Config:
             if hasattr(section, "validate"):
                 section.validate()
         # Cross-field checks that need the dataset's class split.
-        from l3rs.data import get_spec
-
-        spec = get_spec(self.data.dataset)
+        spec = self.data.spec()
         for split_name in ("meta_train_classes", "meta_test_classes"):
             available = len(getattr(spec, split_name))
             if self.task.num_classes > available:
@@ -256,16 +360,79 @@ class Config:
                 f"evaluate.k_grid: must reach beyond task.k_max = {self.task.k_max} (generalisation past the "
                 f"meta-training horizon is part of the protocol), got {self.evaluate.k_grid}."
             )
+        if not self.model.is_preset:
+            self._check_model(spec)
         return self
 
-    def replace(self, **sections: Any) -> Config:
-        """A copy with some sections replaced by dicts of overrides, e.g. ``cfg.replace(nes={"generations": 2})``."""
-        new = {}
-        for name, overrides in sections.items():
-            current = _asdict(getattr(self, name))
-            if name == "optimizer" and overrides.get("family", current["family"]) != current["family"]:
-                current = {}  # another learned-optimizer family: its own defaults, not this one's fields
-            new[name] = _build(type(getattr(self, name)), {**current, **overrides}, name)
+    def _check_model(self, spec: Any) -> None:
+        """A custom model (or head) is built and traced (shapes only) on the dataset's images: options that the
+        module refuses and a head it lacks are config errors now, not worker crashes later."""
+        import jax
+
+        from l3rs.models import find_head, init_variables
+
+        module = self.model.create(self.task.num_classes)
+        try:
+            shapes = jax.eval_shape(lambda k: init_variables(module, k, spec.image_shape), jax.random.key(0))
+        except Exception as e:  # whatever the user's module raises while tracing
+            raise ConfigError(
+                f"model.name: {self.model.name!r} fails on {spec.image_shape} images "
+                f"(module.init(key, x, train=False)): {type(e).__name__}: {e}"
+            ) from None
+        try:
+            head = find_head(shapes["params"], self.model.head)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if head["kernel"].shape[-1] != self.task.num_classes:
+            raise ConfigError(
+                f"model.head: layer {self.model.head!r} has {head['kernel'].shape[-1]} outputs, not num_classes = "
+                f"{self.task.num_classes}; name the layer whose width is the module's num_classes."
+            )
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Config:
+        """Reads and validates a TOML run config (as ``l3rs ... --config PATH``)."""
+        return load_config(path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Builds and validates a config from a nested dict (the parsed TOML)."""
+        return config_from_dict(d)
+
+    def replace(self, changes: dict[str, Any] | None = None, /, **sections: Any) -> Config:
+        """A validated copy with some fields changed.
+
+        Sections as dicts of overrides, ``cfg.replace(nes={"generations": 2}, task={"k_max": 50})``; or dotted keys,
+        ``cfg.replace({"task.k_max": 50, "data.classes.pretrain": "0:4"})`` (a dotted key reaches into tables such as
+        ``data.classes`` and ``model.options`` and keeps their other keys; a section dict replaces the fields it
+        names). Raises ConfigError naming the field for an unknown section or field, or an invalid value.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        current = {name: _asdict(getattr(self, name)) for name in names}
+        touched: dict[str, dict[str, Any]] = {}
+        for key, value in {**(changes or {}), **sections}.items():
+            section, _, rest = key.partition(".")
+            if section not in names:
+                raise ConfigError(f"[{section}]: unknown section; known sections: {sorted(names)}.")
+            if rest:
+                target = touched.setdefault(section, copy.deepcopy(current[section]))
+                *parents, leaf = rest.split(".")
+                for part in parents:
+                    node = target.get(part)
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"{section}.{part}: is not a table; cannot set {key}.")
+                    target = node
+                target[leaf] = value
+                continue
+            if dataclasses.is_dataclass(value) or isinstance(value, LearnedOptimizerConfig):
+                value = _asdict(value)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section}: expected a dict of overrides, got {value!r}.")
+            base = touched.get(section, current[section])
+            if section == "optimizer" and value.get("family", base["family"]) != base["family"]:
+                base = {}  # another learned-optimizer family: its own defaults, not this one's fields
+            touched[section] = {**base, **value}
+        new = {name: _build(type(getattr(self, name)), values, name) for name, values in touched.items()}
         return dataclasses.replace(self, **new).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -319,6 +486,25 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**kwargs)
 
 
+def _expand_dotted(values: Any, section: str) -> Any:
+    """``{"classes.pretrain": [0]}`` -> ``{"classes": {"pretrain": [0]}}`` (what ``--set data.classes.pretrain=[0]``
+    gives), merged into the table of the same name if there is one."""
+    if not isinstance(values, dict) or not any("." in k for k in values):
+        return values
+    out = copy.deepcopy({k: v for k, v in values.items() if "." not in k})
+    for key, value in values.items():
+        if "." not in key:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{section}.{part}: is not a table; cannot set {section}.{key}.")
+        node[leaf] = value
+    return out
+
+
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Builds and validates a :class:`Config` from a nested dict (the parsed TOML)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -328,7 +514,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     built = {}
     for name, f in sections.items():
         cls = f.default_factory().__class__ if f.default_factory is not dataclasses.MISSING else f.type
-        built[name] = _build(cls, d.get(name, {}), name)
+        built[name] = _build(cls, _expand_dotted(d.get(name, {}), name), name)
     return Config(**built).validate()
 
 

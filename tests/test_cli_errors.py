@@ -199,9 +199,10 @@ def test_local_head_is_decided_by_its_session_folder(head):
 
 
 def test_train_address_family(capsys):
-    code, _, err = run_cli(capsys, "train", "--address", "http://127.0.0.1:8265")
+    random = ["--set", 'model.checkpoint="random"']
+    code, _, err = run_cli(capsys, "train", "--address", "http://127.0.0.1:8265", *random)
     assert code == 2 and "GCS address" in one_line(err)
-    code, _, err = run_cli(capsys, "train", "--address", f"127.0.0.1:{free_port()}")
+    code, _, err = run_cli(capsys, "train", "--address", f"127.0.0.1:{free_port()}", *random)
     assert code == 3 and "cannot reach a Ray cluster" in one_line(err)
 
 
@@ -217,7 +218,7 @@ def _jobs(address: str) -> int:
 @pytest.mark.parametrize(
     "case, override, expected",
     [
-        ("checkpoint", ["--set", 'model.checkpoint="missing-theta0"'], "model.checkpoint: no pretrained checkpoint"),
+        ("checkpoint", ["--set", 'model.checkpoint="missing-theta0"'], "model.checkpoint: no θ0 at"),
         ("resources", ["--set", "workers.resources={ GPU = 1 }"], "workers.resources: no node"),
         ("scheme", ["--set", 'run.storage="ftp://host/runs"'], "run.storage: unknown storage scheme"),
         ("unwritable", ["--set", 'run.storage="a-file/runs"'], "run.storage: cannot create"),

@@ -41,6 +41,16 @@ def test_mean_std_over_tasks_is_population_std():
         ev.mean_std(np.zeros((0, 3)))
 
 
+def test_standard_error_is_the_sample_std_over_root_n():
+    se = ev.standard_error([[0.5, 1.0], [0.7, 0.0], [0.6, 0.5]])
+    # column 0: deviations -0.1, 0.1, 0 → sample variance 0.02 / 2; column 1: 0.5 / 2.
+    np.testing.assert_allclose(se, [math.sqrt(0.01 / 3), math.sqrt(0.25 / 3)])
+    assert np.isnan(ev.standard_error([[0.5, 0.7]])).all()  # one task: no spread to estimate
+    assert np.isnan(ev.standard_error([[1.0], [np.nan]])[0])
+    with pytest.raises(ValueError, match="at least one task"):
+        ev.standard_error(np.zeros((0, 2)))
+
+
 def test_best_per_k_takes_the_highest_mean_first_on_ties_and_never_nan():
     means = {"a": [0.1, 0.5, np.nan, 0.3], "b": [0.2, 0.5, 0.3, 0.1], "c": [0.15, 0.4, 0.2, 0.2]}
     assert ev.best_per_k(means, ["a", "b", "c"]) == ["b", "a", "b", "a"]
@@ -114,6 +124,8 @@ def test_summarize_setting_best_adam_and_rows():
     assert rows[("best Adam", 10)]["std_acc"] == pytest.approx(0.1)
     assert rows[("best Adam", 200)]["mean_acc"] == pytest.approx(0.8)
     assert rows[("best Adam", 200)]["std_acc"] == pytest.approx(0.15)
+    assert rows[("best Adam", 200)]["se_acc"] == pytest.approx(0.15)  # n = 2: std·√2/√2
+    assert rows[("L3RS", 10)]["se_acc"] == pytest.approx(0.1)
     assert rows[("L3RS", 200)]["mean_acc"] == pytest.approx(0.8) and rows[("L3RS", 200)]["n_tasks"] == 2
     assert rows[("Adam (const), 1e-2", 200)]["mean_loss"] is None  # non-finite → None (JSON null, empty CSV cell)
     # Per task vs best Adam: K=10: 0.8 > 0.7, 0.6 > 0.5; K=200: 0.9 < 0.95, 0.7 > 0.65.
@@ -179,7 +191,7 @@ def env(tmp_path_factory):
     )  # fmt: skip
     # A "trained" ψ: another L3RS config and seed than ψ₀, saved as a real artifact.
     opt_cfg = L3RSConfig(init_lr=1e-2)
-    psi = init_psi(opt_cfg, ev._model_params_shapes(cfg), jax.random.key(7))
+    psi = init_psi(opt_cfg, ev.model_params_shapes(cfg), jax.random.key(7))
     run_dir = root / "runs" / "unit"
     meta = {"run_name": "unit", "model": "small_cnn", "dataset": "sklearn_digits", "k_range": [5, 10],
             "train_scope": "all", "generations": 3}  # fmt: skip
@@ -273,6 +285,23 @@ def test_evaluate_cli_writes_consistent_report(env, pool_report):
                  "fig3_meta_evaluation.png", "fig4_layer_stats.png", "Head-only", "skipped"):  # fmt: skip
         assert text in md, text
 
+    # Honest about classes: sklearn_digits' meta-test classes are its meta-training classes (5–9), and θ0 was
+    # pretrained on 0–4; the checkpoint's and the artifact's files say so.
+    for name in ("A", "E"):
+        c = report["settings"][name]["classes"]
+        assert c["eval"]["classes"] == c["meta_train"][0]["classes"] == [5, 6, 7, 8, 9]
+        assert c["relation"]["meta_train"] == {"L3RS": "shared"}
+    assert report["settings"]["A"]["classes"]["theta0"]["classes"] == [0, 1, 2, 3, 4]
+    assert report["settings"]["E"]["classes"]["relation"]["theta0"] == "random"
+    assert "## A. In-domain (shared classes: these tasks are not new classes)" in md
+    assert "sklearn_digits classes 5–9 (the meta-test classes)" in md and "3 tasks per cell" in md
+    assert "cosine and constant Adam, on the whole network and on the head only, at lr ∈ {1e-2, 1e-3}" in md
+    # No absolute machine path: checkpoints and the artifact are named relative to the run.
+    for name in ("report.md", "report.json", "report.csv"):
+        assert str(env["root"]) not in (out / name).read_text(), name
+    assert report["meta"]["artifacts"][0]["uri"] == "unit/psi"
+    assert "evaluate.other_checkpoint" in report["skipped"]["C"] and "…/no-such-checkpoint" in report["skipped"]["C"]
+
 
 def test_shards_give_the_same_numbers_in_any_process(env, pool_report):
     """1 shard vs 2 shards in this process: identical; and equal to the two-process run's numbers."""
@@ -303,7 +332,7 @@ def test_shards_give_the_same_numbers_in_any_process(env, pool_report):
         ev.evaluate_setting(cfg, "A", opts, seeds, shard=(2, 2))
     with pytest.raises(ValueError, match="two parts"):
         ev.merge_results([parts[0], parts[0]])
-    ev._RUNNERS.clear()
+    ev.clear_runners()
 
 
 def test_refuses_bad_inputs_before_any_work(env, tmp_path, capsys):

@@ -5,10 +5,15 @@ meta-training and meta-test tasks (paper §5: disjoint where the dataset has eno
 training batches, meta-training eval batches and meta-test eval batches. :func:`load` returns one split as in-memory
 uint8 arrays (workers keep them on the device and gather batches by index inside the jitted loop).
 
-Offline (this product's CPU default): ``fashion_mnist_debian`` (Debian's ``dataset-fashion-mnist``) and
-``sklearn_digits`` (shipped by scikit-learn) are local tfds builders (:mod:`l3rs.data.builders`). With internet, any
+Offline (this product's CPU default): ``fashion_mnist_debian`` (Debian's ``dataset-fashion-mnist``),
+``sklearn_digits`` (shipped by scikit-learn) and ``glyphs`` (720 classes rendered from matplotlib's fonts,
+:mod:`l3rs.data.glyphs`) are local tfds builders (:mod:`l3rs.data.builders`). With internet, any
 official tfds dataset in :data:`SPECS` (``fashion_mnist``, ``cifar100``, ``imagenet2012``, ``places365_small``) is
 downloaded and prepared by tfds itself.
+
+The named specs are presets: :func:`l3rs.data.spec.resolve_spec` builds a spec for any tfds image-classification
+dataset (class splits, image size, which splits play train / validation / test) and returns the preset itself when
+nothing is overridden. Everything that takes a dataset name here also takes a :class:`DatasetSpec`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from l3rs.data import glyphs
 
 __all__ = ["ArraySplit", "DatasetSpec", "SPECS", "get_spec", "load", "normalize"]
 
@@ -54,6 +61,9 @@ class DatasetSpec:
     test_split: str = "test"
     offline: bool = False
 
+    def __str__(self) -> str:
+        return self.name
+
 
 def _imagenet_split() -> tuple[tuple[int, ...], tuple[int, ...]]:
     # Paper §5: the first 500 classes pretrain; the other 500 are split at random into IMAGENET25 / IMAGENET25EVAL.
@@ -62,6 +72,7 @@ def _imagenet_split() -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 _IMAGENET_META_TRAIN, _IMAGENET_META_TEST = _imagenet_split()
+_GLYPHS = glyphs.class_partition()  # 360 pretrain / 180 meta-train / 180 meta-test classes, pairwise disjoint
 
 SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -73,6 +84,8 @@ SPECS: dict[str, DatasetSpec] = {
                     train_split="train[:50000]", valid_split="train[50000:]"),
         DatasetSpec("sklearn_digits", 10, (16, 16, 1), tuple(range(5)), tuple(range(5, 10)), tuple(range(5, 10)),
                     offline=True),
+        # Paper §5's three-way split on the offline default: pretrain, meta-train and meta-test classes disjoint.
+        DatasetSpec("glyphs", glyphs.NUM_CLASSES, (28, 28, 1), *_GLYPHS, offline=True),
         DatasetSpec("cifar100", 100, (32, 32, 3), tuple(range(50)), tuple(range(50, 75)), tuple(range(75, 100)),
                     train_split="train[:45000]", valid_split="train[45000:]"),
         # Downsampled to 64x64 so that a worker holds its classes in memory (the paper trains at 224x224).
@@ -86,8 +99,11 @@ SPECS: dict[str, DatasetSpec] = {
 }  # fmt: skip
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """The :class:`DatasetSpec` of ``name``. Raises ValueError naming the known datasets."""
+def get_spec(name: str | DatasetSpec) -> DatasetSpec:
+    """The preset :class:`DatasetSpec` called ``name`` (a spec is returned as is). Raises ValueError naming the
+    known presets."""
+    if isinstance(name, DatasetSpec):
+        return name
     if name not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(SPECS)}.")
     return SPECS[name]
@@ -122,7 +138,7 @@ def _bound(text: str | None, n: int) -> int | None:
 
 
 def load(
-    name: str,
+    name: str | DatasetSpec,
     split: str,
     *,
     data_dir: str | None = None,
@@ -133,7 +149,8 @@ def load(
 
     The dataset is prepared on first use (the offline builders build in seconds; official datasets download) and read
     through ``tfds.data_source``, which needs no TensorFlow. ``split`` may slice, e.g. ``"train[:50000]"`` or
-    ``"train[90%:]"``. Results are cached per process.
+    ``"train[90%:]"``. Results are cached per process. ``name`` is a preset's name or a :class:`DatasetSpec` (whose
+    ``name`` is the tfds name and ``image_shape`` the size of the returned images).
 
     Raises:
       ValueError: unknown dataset, a malformed split, or a class outside the dataset.
@@ -143,8 +160,8 @@ def load(
     if classes is not None:
         bad = [c for c in classes if not 0 <= int(c) < spec.num_classes]
         if bad:
-            raise ValueError(f"classes: {bad} are not classes of {name} (0..{spec.num_classes - 1}).")
-    images, labels = _load_split(name, base, data_dir or None, download)
+            raise ValueError(f"classes: {bad} are not classes of {spec.name} (0..{spec.num_classes - 1}).")
+    images, labels = _load_split(spec, base, data_dir or None, download)
     n = len(labels)
     sl = slice(_bound(start, n), _bound(stop, n))
     images, labels = images[sl], labels[sl]
@@ -155,17 +172,22 @@ def load(
 
 
 @functools.lru_cache(maxsize=16)
-def _load_split(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def _load_split(
+    name: str | DatasetSpec, split: str, data_dir: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow_datasets as tfds
 
     from l3rs.data import builders  # noqa: F401 - registers the offline builders with tfds
 
     spec = get_spec(name)
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    builder = tfds.builder(spec.name, data_dir=data_dir, file_format="array_record")
     if not _prepared(builder):
         if not download and not spec.offline:
-            raise FileNotFoundError(f"{name} is not prepared in {builder.data_dir} and download=False.")
+            raise FileNotFoundError(f"{spec.name} is not prepared in {builder.data_dir} and download=False.")
         _prepare_locked(builder)
+        # A builder created before the data existed keeps its empty split list even once another process has
+        # prepared the data (tfds reads dataset_info.json only when the builder is created): read it afresh.
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     source = builder.as_data_source(split=split)
     records = source.__getitems__(list(range(len(source))))
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
@@ -179,7 +201,10 @@ def _prepared(builder: Any) -> bool:
 
 
 def _prepare_locked(builder: Any) -> None:
-    # Several workers on one machine may ask for the same dataset at once: one prepares, the others wait.
+    """Prepares ``builder``'s dataset unless another process already has. Several processes on one machine may ask
+    for the same dataset at once: the first prepares it (tfds writes into a temporary folder and renames it into
+    place when complete), the others wait on a file lock and then find it prepared. Callers must create a new builder
+    afterwards: this one may predate the data."""
     from filelock import FileLock
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(builder.data_dir)))

@@ -1,20 +1,25 @@
-"""tfds builders for the offline datasets: Fashion-MNIST from Debian's package and scikit-learn's digits.
+"""tfds builders for the offline datasets: Fashion-MNIST from Debian's package, scikit-learn's digits, and glyphs
+rendered from matplotlib's fonts.
 
-Both write ``array_record`` files and store images as ``tfds.features.Tensor(uint8)``, so they build and read back
+All write ``array_record`` files and store images as ``tfds.features.Tensor(uint8)``, so they build and read back
 without TensorFlow (``tfds.features.Image`` would need it to encode). Importing this module registers them with tfds
-as ``fashion_mnist_debian`` and ``sklearn_digits``.
+as ``fashion_mnist_debian``, ``sklearn_digits`` and ``glyphs``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["FashionMnistDebian", "SklearnDigits", "FASHION_MNIST_DIR_ENV", "read_idx"]
+from l3rs.data import glyphs
+
+__all__ = ["FashionMnistDebian", "Glyphs", "GlyphsConfig", "SklearnDigits", "FASHION_MNIST_DIR_ENV", "read_idx"]
 
 FASHION_MNIST_DIR_ENV = "L3RS_FASHION_MNIST_DIR"
 """Environment variable naming the folder of the four Fashion-MNIST IDX files (default: Debian's install path)."""
@@ -136,3 +141,89 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray, index: np.ndarray):  # noqa: ANN202
         for i in index:
             yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+@dataclasses.dataclass(eq=False)
+class GlyphsConfig(tfds.core.BuilderConfig):
+    """A ``glyphs`` configuration: the :class:`l3rs.data.glyphs.GlyphsSettings` it renders."""
+
+    settings: glyphs.GlyphsSettings = dataclasses.field(default_factory=glyphs.GlyphsSettings)
+
+
+class Glyphs(tfds.core.GeneratorBasedBuilder):
+    """Omniglot-like glyph classes rendered from the fonts matplotlib ships (:mod:`l3rs.data.glyphs`), offline.
+
+    Configs: ``default`` (``glyphs``: 720 classes of 28×28×1 uint8; 40 / 20 / 20 images per class in ``train`` /
+    ``validation`` / ``test``) and ``small`` (``glyphs/small``: 24 of the same classes, 6 / 3 / 3 images each, for
+    tests and smoke runs). Labels are class indices in code-point order; ``info.metadata`` records the settings
+    (seed included), the classes' code points, names and faces, the font files' versions and the renderer's.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Glyphs from matplotlib's DejaVu and STIX fonts, rendered with Pillow."}
+    BUILDER_CONFIGS = [
+        GlyphsConfig(name="default", description="720 classes, 40/20/20 images per class."),
+        GlyphsConfig(
+            name="small",
+            description="24 classes, 6/3/3 images per class (tests, smoke runs).",
+            settings=glyphs.GlyphsSettings(num_classes=24, train_per_class=6, validation_per_class=3, test_per_class=3),
+        ),
+    ]
+
+    @property
+    def settings(self) -> glyphs.GlyphsSettings:
+        """The settings of this builder's config."""
+        return self.builder_config.settings
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.settings.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(
+                "Omniglot-like classes: one Unicode character drawn in several of matplotlib's DejaVu and STIX faces, "
+                "each image with a random stroke width, affine map, contrast and noise (deterministic from a seed)."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=self.settings.num_classes),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://dejavu-fonts.github.io/",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):  # noqa: ANN001 - tfds's signature
+        del dl_manager  # nothing to download
+        import PIL
+        from PIL import features
+
+        classes = glyphs.select_classes(self.settings)
+        self.info.metadata.update(
+            {
+                "settings": dataclasses.asdict(self.settings),
+                "classes": [
+                    {
+                        "label": i,
+                        "code_point": c.code_point,
+                        "name": c.name,
+                        "faces": [glyphs.FACES[f] for f in c.faces],
+                    }
+                    for i, c in enumerate(classes)
+                ],
+                "fonts": glyphs.font_versions(),
+                "renderer": {
+                    "pillow": PIL.__version__,
+                    "freetype2": str(features.version("freetype2")),
+                    "numpy": np.__version__,
+                    "python": platform.python_version(),
+                },
+            }
+        )
+        arrays = glyphs.render(classes, self.settings)
+        return {split: self._generate_examples(*arrays[split]) for split in ("train", "validation", "test")}
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray):  # noqa: ANN202
+        for i, (x, y) in enumerate(zip(images, labels, strict=True)):
+            yield i, {"image": x, "label": int(y)}

@@ -67,11 +67,13 @@ def adam_optimizer_fn(schedule: Literal["constant", "cosine"] = "constant") -> O
     return make
 
 
-def head_only(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformationExtraArgs:
-    """Trains only the classifier head ("head" in the path); every other layer is frozen."""
+def head_only(
+    tx: optax.GradientTransformation, params: Any, head: str = "head"
+) -> optax.GradientTransformationExtraArgs:
+    """Trains only the classifier ``head`` (the layer at that path); every other layer is frozen."""
     from l3rs.models import head_mask
 
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", head_mask(params))
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", head_mask(params, head))
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
@@ -93,6 +95,7 @@ class InnerLoop:
       train_scope: ``"all"`` or ``"head"`` (head-only fine-tuning).
       vmap_candidates: if True, ``__call__`` takes a leading batch axis of optimizer parameters (several
         candidates on the same task, e.g. both members of an antithetic pair) and vmaps over it.
+      head: path of the classifier layer in params (``model.head``).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class InnerLoop:
         num_classes: int,
         train_scope: Literal["all", "head"] = "all",
         vmap_candidates: bool = False,
+        head: str = "head",
     ) -> None:
         if train_scope not in ("all", "head"):
             raise ValueError(f"train_scope: {train_scope!r} must be 'all' or 'head'.")
@@ -116,6 +120,7 @@ class InnerLoop:
         self._normalize = normalize
         self._fresh_head = fresh_head
         self._num_classes = num_classes
+        self._head = head
         self._train_scope = train_scope
         self._optimizer_fn = optimizer_fn
         self._variables0 = jax.device_put(variables0)
@@ -123,7 +128,7 @@ class InnerLoop:
         self._eval_images = jax.device_put(pool.eval_images)
         run = self._run
         if vmap_candidates:
-            run = jax.vmap(run, in_axes=(0,) + (None,) * 10)
+            run = jax.vmap(run, in_axes=(0,) + (None,) * 11)
         self._jitted = jax.jit(run)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -147,15 +152,16 @@ class InnerLoop:
         eval_idx,
         eval_y,
         k,
+        k_told,
         head_seed,
         eval_at,
     ):
         self.compiles += 1  # runs at trace time only
         params, model_state = _split_variables(variables0)
-        params = self._fresh_head(params, jax.random.key(head_seed), self._num_classes)
-        tx = self._optimizer_fn(opt_params, k)
+        params = self._fresh_head(params, jax.random.key(head_seed), self._num_classes, self._head)
+        tx = self._optimizer_fn(opt_params, k_told)  # the horizon the optimizer is told; the loop runs k steps
         if self._train_scope == "head":
-            tx = head_only(tx, params)
+            tx = head_only(tx, params, self._head)
         opt_state = tx.init(params)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
@@ -197,8 +203,9 @@ class InnerLoop:
 
         Args:
           opt_params: the optimizer's traced parameters (ψ vector, learning rate, ...).
-          task: the task (its batches, eval batch and head seed).
-          num_steps: overrides the task's K (at most its number of batch rows).
+          task: the task (its batches, eval batch and head seed). It runs ``task.num_steps`` steps with the
+            optimizer told ``task.told_steps`` (more than the steps run for a task cut short).
+          num_steps: overrides the task's K, both run and told (at most its number of batch rows).
           eval_at: step counts after which to also evaluate (``curve_loss``/``curve_accuracy`` in the result): one
             run of a K-independent optimizer (constant-LR Adam) then serves every K of a grid. Each distinct length
             of ``eval_at`` compiles once.
@@ -206,6 +213,7 @@ class InnerLoop:
         k = task.num_steps if num_steps is None else num_steps
         if not 0 <= k <= task.train_idx.shape[0]:
             raise ValueError(f"num_steps: {k} outside [0, {task.train_idx.shape[0]}] for this task.")
+        told = k if num_steps is not None or task.told_steps is None else task.told_steps
         eval_at = np.asarray(eval_at, np.int32).reshape(-1)
         return self._jitted(
             opt_params,
@@ -217,6 +225,7 @@ class InnerLoop:
             task.eval_idx,
             task.eval_y,
             np.int32(k),
+            np.int32(told),
             np.int32(task.head_seed),
             eval_at,
         )

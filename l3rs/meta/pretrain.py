@@ -34,10 +34,10 @@ class PretrainResult:
 def _versions() -> dict[str, str]:
     import flax
 
-    import l3rs
+    from l3rs._version import __version__
 
     return {
-        "l3rs": l3rs.__version__,
+        "l3rs": __version__,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "optax": optax.__version__,
@@ -69,17 +69,19 @@ def load_variables(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return serialization.msgpack_restore(blob), meta
 
 
-def random_variables(model_name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int):
-    """θ0 for setting E (random initialisation)."""
+def random_variables(
+    model_name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int, *, module: Any = None
+):
+    """θ0 for setting E (random initialisation); ``module`` (default: the preset ``model_name``) is the model."""
     from l3rs.models import create, init_variables
 
-    module = create(model_name, num_classes=num_classes)
+    module = module if module is not None else create(model_name, num_classes=num_classes)
     return init_variables(module, jax.random.key(seed), input_shape)
 
 
 def pretrain(
     *,
-    dataset: str,
+    dataset: Any,
     model_name: str,
     steps: int,
     batch_size: int,
@@ -88,9 +90,14 @@ def pretrain(
     data_dir: str | None = None,
     output: str | None = None,
     progress: bool = True,
+    model_options: dict[str, Any] | None = None,
+    module_path: str = "",
 ) -> PretrainResult:
     """Trains ``model_name`` on ``dataset``'s pretrain classes with Adam (cosine decay) and reports the accuracy
-    on the test split of those classes. Saves to ``output`` if given."""
+    on the test split of those classes. Saves to ``output`` if given.
+
+    ``dataset`` is a preset name or a :class:`l3rs.data.DatasetSpec`; ``model_name`` a preset or an import path
+    (with ``model_options`` and ``module_path``, as in :func:`l3rs.models.create`)."""
     from l3rs.data import get_spec, load, normalize
     from l3rs.models import create, init_variables
 
@@ -103,7 +110,7 @@ def pretrain(
     x_train, y_train = jax.device_put(train.images), jax.device_put(remap[train.labels])
     x_test, y_test = test.images, remap[test.labels]
 
-    module = create(model_name, num_classes=len(classes))
+    module = create(model_name, len(classes), module_path=module_path, **(model_options or {}))
     key = jax.random.key(seed)
     variables = init_variables(module, key, spec.image_shape)
     params = variables["params"]
@@ -134,7 +141,7 @@ def pretrain(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"pretrain {model_name} on {dataset}", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(steps), desc=f"pretrain {model_name} on {spec.name}", disable=not progress, mininterval=1.0)
     loss = jnp.nan
     for i in bar:
         key, sub = jax.random.split(key)
@@ -148,7 +155,8 @@ def pretrain(
     variables = {"params": params, **model_state}
     meta = {
         "model": model_name,
-        "dataset": dataset,
+        **({"model_options": dict(model_options)} if model_options else {}),
+        "dataset": spec.name,
         "pretrain_classes": [int(c) for c in classes],
         "num_classes": int(len(classes)),
         "input_shape": list(spec.image_shape),

@@ -15,12 +15,12 @@ from l3rs.config import Config
 from l3rs.meta.inner import InnerLoop, learned_optimizer_fn
 from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
 
-__all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_meta", "model_for"]
+__all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_meta", "model_for", "model_shapes"]
 
 
 def task_distribution(cfg: Config, stage: str = "meta_train", *, k_min: int | None = None, k_max: int | None = None):
     return TaskDistribution(
-        dataset=cfg.data.dataset,
+        dataset=cfg.data.spec(),
         stage=stage,
         num_classes=cfg.task.num_classes,
         batch_size=cfg.task.batch_size,
@@ -28,43 +28,59 @@ def task_distribution(cfg: Config, stage: str = "meta_train", *, k_min: int | No
         k_min=cfg.task.k_min if k_min is None else k_min,
         k_max=cfg.task.k_max if k_max is None else k_max,
         data_dir=cfg.data.data_dir,
+        truncation_prob=cfg.task.truncation_prob if stage == "meta_train" else 0.0,
     )
 
 
 def model_for(cfg: Config):
-    from l3rs.models import create
-
-    return create(cfg.model.name, num_classes=cfg.task.num_classes)
+    return cfg.model.create(cfg.task.num_classes)
 
 
-def load_theta0(cfg: Config, checkpoint: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """θ0 and its metadata: a pretrained checkpoint, or a seeded random init for ``checkpoint = "random"``."""
-    from l3rs.data import get_spec
-    from l3rs.meta.pretrain import load_variables, random_variables
+def load_theta0(
+    cfg: Config, checkpoint: str | None = None, *, field: str = "model.checkpoint"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """θ0 and its metadata: a checkpoint (``l3rs pretrain`` folder, flax msgpack or Orbax; see
+    :func:`l3rs.checkpoint.read_theta0`) checked against the model's shapes, or a seeded random init for
+    ``checkpoint = "random"``. Raises ValueError naming ``field``."""
+    from l3rs.checkpoint import check_theta0, read_theta0, theta0_format
+    from l3rs.meta.pretrain import random_variables
 
     checkpoint = checkpoint or cfg.model.checkpoint
     if checkpoint == "random":
-        spec = get_spec(cfg.data.dataset)
-        variables = random_variables(cfg.model.name, spec.image_shape, cfg.task.num_classes, cfg.run.seed)
+        spec = cfg.data.spec()
+        variables = random_variables(cfg.model.name, spec.image_shape, cfg.task.num_classes, cfg.run.seed,
+                                     module=model_for(cfg))  # fmt: skip
         return jax.tree.map(np.asarray, variables), {"model": cfg.model.name, "random_init": True}
-    variables, meta = load_variables(checkpoint)
-    if meta.get("model") != cfg.model.name:
-        raise ValueError(
-            f"model.checkpoint: {checkpoint!r} holds a {meta.get('model')!r} model, the config asks for "
-            f"{cfg.model.name!r}."
-        )
+    if theta0_format(checkpoint) == "l3rs-pretrain":  # which model it holds, before reading its variables
+        import json
+
+        from l3rs import storage
+        from l3rs.meta.pretrain import META_FILE
+
+        model = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE))).get("model")
+        if model != cfg.model.name:
+            raise ValueError(f"{field}: {checkpoint!r} holds a {model!r} model, model.name is {cfg.model.name!r}.")
+    variables, meta = read_theta0(checkpoint)
+    try:
+        check_theta0(variables, model_shapes(cfg), head=cfg.model.head, uri=checkpoint, field=field)
+    except ValueError as e:
+        raise ValueError(f"{e} (model.name = {cfg.model.name!r}, model.options = {cfg.model.options})") from None
     return variables, meta
+
+
+def model_shapes(cfg: Config) -> Any:
+    """The model's variables as ``jax.ShapeDtypeStruct`` (no compute), for images of the run's dataset."""
+    from l3rs.models import init_variables
+
+    module = model_for(cfg)
+    image_shape = cfg.data.spec().image_shape
+    return jax.eval_shape(lambda k: init_variables(module, k, image_shape), jax.random.key(0))
 
 
 def initial_meta(cfg: Config):
     """The start of meta-training, ``cfg.optimizer.init`` for this run's model (ψ₀ for L3RS). Only the model's layer
     paths and shapes matter; no model compute is done."""
-    from l3rs.data import get_spec
-    from l3rs.models import init_variables
-
-    spec = get_spec(cfg.data.dataset)
-    module = model_for(cfg)
-    shapes = jax.eval_shape(lambda k: init_variables(module, k, spec.image_shape), jax.random.key(0))
+    shapes = model_shapes(cfg)
     return cfg.optimizer.init(shapes["params"], jax.random.key(cfg.run.seed))
 
 
@@ -94,6 +110,7 @@ class TaskRunner:
             num_classes=cfg.task.num_classes,
             train_scope=cfg.task.train_scope,
             vmap_candidates=vmap_candidates,
+            head=cfg.model.head,
         )
         self.setup_seconds = time.perf_counter() - start
 

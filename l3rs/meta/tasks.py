@@ -8,9 +8,12 @@ images of the distribution's classes, which a worker loads once and keeps on its
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from l3rs.data import DatasetSpec
 
 __all__ = [
     "TaskDistribution",
@@ -30,16 +33,21 @@ class TaskDistribution:
     """Which tasks to sample.
 
     Attributes:
-      dataset: tfds name (see ``l3rs.data.get_spec``).
+      dataset: a preset's name or a :class:`l3rs.data.DatasetSpec` (see ``l3rs.data.get_spec``).
       stage: ``"meta_train"`` (classes ``meta_train_classes``; eval batch from the valid split) or ``"meta_test"``
         (classes ``meta_test_classes``; eval batch from the test split, images never seen in meta-training).
       num_classes: N, the task's way.
       batch_size, eval_batch_size: 64 and 256 in the paper.
-      k_min, k_max: K ~ U[k_min, k_max] (inclusive).
+      k_min, k_max: K ~ U[k_min, k_max] (inclusive): the horizon the optimizer is told.
       data_dir: tfds data_dir ("" = default).
+      truncation_prob: probability that a task's run is cut short of the K the optimizer is told (issue 11): such
+        a task runs K_run ~ U[min(k_min, K), K] steps (inclusive) while the optimizer's time features use K, so
+        meta-training rewards an optimizer that is good at every point of its schedule, not only at its end. The
+        draw comes from its own seed stream, so ``truncation_prob = 0`` (the default) samples exactly the tasks
+        it always did.
     """
 
-    dataset: str
+    dataset: str | DatasetSpec
     stage: Stage = "meta_train"
     num_classes: int = 5
     batch_size: int = 64
@@ -47,12 +55,16 @@ class TaskDistribution:
     k_min: int = 10
     k_max: int = 100
     data_dir: str = ""
+    truncation_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage not in ("meta_train", "meta_test"):
             raise ValueError(f"stage: {self.stage!r} must be 'meta_train' or 'meta_test'.")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"k_min/k_max: need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}.")
+        p = self.truncation_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"truncation_prob: must be a number in [0, 1], got {p!r}.")
 
     def classes(self) -> tuple[int, ...]:
         from l3rs.data import get_spec
@@ -79,7 +91,8 @@ class Task(NamedTuple):
 
     ``train_idx``/``train_y`` have ``k_max`` rows so every task of a distribution has the same shapes (one
     compile); only the first ``num_steps`` rows are used. Labels are task labels 0..N-1: the position of the
-    original class in ``classes``.
+    original class in ``classes``. ``told_steps`` is the horizon K the optimizer is told (None: ``num_steps``);
+    it exceeds ``num_steps`` for a task cut short (``TaskDistribution.truncation_prob``).
     """
 
     seed: int
@@ -90,6 +103,7 @@ class Task(NamedTuple):
     train_y: np.ndarray  # [k_max, B] int32
     eval_idx: np.ndarray  # [E] int32 into pool.eval_*
     eval_y: np.ndarray  # [E] int32
+    told_steps: int | None = None  # K the optimizer is told (None = num_steps)
 
 
 def task_seed(run_seed: int, generation: int, index: int) -> int:
@@ -128,10 +142,25 @@ def _header(rng: np.random.Generator, dist: TaskDistribution) -> tuple[np.ndarra
     return classes, num_steps, head_seed
 
 
+# Tag of the truncation draw's own seed stream ("trnc"): SeedSequence([task seed, tag]).
+_TRUNCATION_TAG = int.from_bytes(b"trnc", "big")
+
+
+def _run_steps(seed: int, dist: TaskDistribution, told: int) -> int:
+    """How many steps the task with this seed runs: ``told``, or with ``dist.truncation_prob`` a cut-short
+    K_run ~ U[min(k_min, told), told]. Drawn from its own stream, so the other draws of the task never change."""
+    if dist.truncation_prob <= 0.0:
+        return told
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TRUNCATION_TAG]))
+    if rng.random() >= dist.truncation_prob:
+        return told
+    return int(rng.integers(min(dist.k_min, told), told + 1))
+
+
 def task_header(seed: int, dist: TaskDistribution) -> tuple[np.ndarray, int]:
-    """(classes, K) of the task with this seed, without touching any data (the driver's cost estimate)."""
+    """(classes, steps run) of the task with this seed, without touching any data (the driver's cost estimate)."""
     classes, num_steps, _ = _header(np.random.default_rng(seed), dist)
-    return classes, num_steps
+    return classes, _run_steps(seed, dist, num_steps)
 
 
 def sample_task(seed: int, dist: TaskDistribution, pool: TaskPool) -> Task:
@@ -157,10 +186,11 @@ def sample_task(seed: int, dist: TaskDistribution, pool: TaskPool) -> Task:
     return Task(
         seed=int(seed),
         classes=classes.astype(np.int32),
-        num_steps=num_steps,
+        num_steps=_run_steps(seed, dist, num_steps),
         head_seed=head_seed,
         train_idx=train_all[pick].astype(np.int32),
         train_y=train_lab[pick],
         eval_idx=eval_all[epick].astype(np.int32),
         eval_y=eval_lab[epick],
+        told_steps=num_steps,
     )

@@ -12,10 +12,14 @@ import numpy as np
 from l3rs.optim.directions import Direction, resolve_direction
 from l3rs.optim.family import config_from_dict, register_family
 
-__all__ = ["L3RSConfig", "VARIANTS"]
+__all__ = ["L3RSConfig", "VARIANTS", "FEATURE_SCALES", "PAST_HORIZON"]
 
 VARIANTS = ("embedding", "no_embedding", "per_layer_mlp", "global")
 Variant = Literal["embedding", "no_embedding", "per_layer_mlp", "global"]
+FEATURE_SCALES = ("absolute", "relative", "log_relative")
+FeatureScale = Literal["absolute", "relative", "log_relative"]
+PAST_HORIZON = ("extrapolate", "clamp", "decay")
+PastHorizon = Literal["extrapolate", "clamp", "decay"]
 
 
 def _default_anchors() -> tuple[float, ...]:
@@ -53,6 +57,28 @@ class L3RSConfig:
         λ-logit as a skip connection, so λ = exp(z_{P+1} + log‖d_1‖). The paper's plain λ = exp(z_{P+1}) is
         ``lambda_skip=False``; both are the same function class, the skip only makes ψ₀ = Adam(init_lr) exact.
       eps: added inside every log-norm and norm division.
+
+    Stability options (issue 11; the defaults are the original behaviour, bit for bit):
+
+      feature_scale: how the norm and loss features are scaled. ``"absolute"`` (§4.1 as written): EMAs of log‖w‖,
+        log‖g‖ and the loss L, and log‖d_p‖. ``"relative"``: every norm relative to its value at the layer's first
+        update (log‖w‖ − log‖w₀‖, log‖g‖ − log‖g₀‖, log‖d_p‖ − log‖d_p,0‖) and the loss relative to the first finite
+        loss, L / (|L₀| + eps). ``"log_relative"``: the same norms, and the loss as log(max(L, eps) / (|L₀| + eps))
+        (meant for positive losses such as cross-entropy). The λ skip connection (``lambda_skip``) always uses the
+        absolute log‖d_1‖: it is the unit of λ, not a feature.
+      lambda_max_adam_ratio: ``None`` (no bound) or c > 1: a smooth bound on λ in units of the *Adam-equivalent
+        step* lr₀·‖d_1‖ (lr₀ = ``init_lr``, d_1 the first direction, Adam by default). With r the unbounded ratio
+        λ/(lr₀‖d_1‖), the bounded ratio is c·σ(log r − log(c − 1)): it equals 1 where r = 1 (so ψ₀ is unchanged),
+        follows r for r ≪ c and never exceeds c, so ‖Δθ‖ ≤ λ < c·lr₀·‖d_1‖. Smooth, so NES still sees how a
+        candidate's λ moves. c must exceed 1 because ψ₀ itself steps at ratio 1.
+      past_horizon: what the time features do for steps k ≥ K (more steps than the optimizer was told).
+        ``"extrapolate"``: tanh(10(k/K − α)) with k/K > 1 (saturates towards 1). ``"clamp"``: the relative-time
+        features stay at those of the last planned step, k = K − 1. ``"decay"``: as ``"clamp"``, and λ is scaled
+        by K/(k + 1) for k ≥ K, so steps shrink like 1/k past the horizon.
+      absolute_time_k_max: ``None`` or a horizon: the absolute-time features tanh(log(K β_j)) see min(K,
+        absolute_time_k_max), so a run longer than any meta-training task (e.g. the artifact's ``k_range[1]``)
+        presents the same absolute-time features as the longest one instead of values the MLP never saw; the
+        relative-time features still span the whole run.
     """
 
     family: ClassVar[str] = "l3rs"
@@ -69,6 +95,10 @@ class L3RSConfig:
     init_mixing: tuple[float, ...] | None = None
     lambda_skip: bool = True
     eps: float = 1e-8
+    feature_scale: FeatureScale = "absolute"
+    lambda_max_adam_ratio: float | None = None
+    past_horizon: PastHorizon = "extrapolate"
+    absolute_time_k_max: float | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (TOML, JSON) by normalising sequences to tuples.
@@ -125,6 +155,25 @@ class L3RSConfig:
                 )
         if not self.eps > 0:
             raise ValueError(f"optimizer.eps: must be positive, got {self.eps}.")
+        if not isinstance(self.lambda_skip, bool):
+            raise ValueError(f"optimizer.lambda_skip: expected true or false, got {self.lambda_skip!r}.")
+        if self.feature_scale not in FEATURE_SCALES:
+            raise ValueError(f"optimizer.feature_scale: {self.feature_scale!r} is not one of {FEATURE_SCALES}.")
+        if self.past_horizon not in PAST_HORIZON:
+            raise ValueError(f"optimizer.past_horizon: {self.past_horizon!r} is not one of {PAST_HORIZON}.")
+        if self.lambda_max_adam_ratio is not None:
+            _check_number("lambda_max_adam_ratio", self.lambda_max_adam_ratio)
+            if not (math.isfinite(self.lambda_max_adam_ratio) and self.lambda_max_adam_ratio > 1.0):
+                raise ValueError(
+                    "optimizer.lambda_max_adam_ratio: must be a finite number > 1 (ψ₀ steps at 1× the "
+                    f"Adam-equivalent step), or null for no bound; got {self.lambda_max_adam_ratio}."
+                )
+        if self.absolute_time_k_max is not None:
+            _check_number("absolute_time_k_max", self.absolute_time_k_max)
+            if not (math.isfinite(self.absolute_time_k_max) and self.absolute_time_k_max >= 1):
+                raise ValueError(
+                    f"optimizer.absolute_time_k_max: must be a number >= 1, or null; got {self.absolute_time_k_max}."
+                )
 
     # ----------------------------------------------------------------------------------------------------------
     @property

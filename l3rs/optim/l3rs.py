@@ -14,9 +14,25 @@ embedding.
 layer paths its embeddings belong to. ``l3rs(psi, config, total_steps)`` turns it into an
 ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the current loss as ``value``.
 
-Behaviour beyond the horizon: ``total_steps`` (K) only enters through the time features. For k > K the relative
-time features saturate at tanh(10(k/K − α)) → 1, i.e. the optimizer keeps acting as it did at the end of its
-horizon; nothing breaks, but quality beyond the meta-trained K range is an empirical question (see README).
+Behaviour beyond the horizon: ``total_steps`` (K) only enters through the time features. For k ≥ K,
+``config.past_horizon`` decides: ``"extrapolate"`` (default) feeds k/K > 1 to tanh(10(k/K − α)), which saturates
+towards 1; ``"clamp"`` holds the relative-time features at k = K − 1; ``"decay"`` clamps them and scales λ by
+K/(k + 1). ``config.absolute_time_k_max`` caps the K the absolute-time features see; ``config.lambda_max_adam_ratio``
+bounds λ relative to the Adam-equivalent step; ``config.feature_scale`` makes the norm and loss features relative to
+their first values (see :class:`l3rs.L3RSConfig`).
+
+Edge cases (issue 12). A layer is *skipped* for a step when its gradient is all zero or has any non-finite entry.
+A skipped layer gets a zero update (it does not move: no momentum step), its per-parameter base-optimizer state
+(Adam's first and second moments, ...) is left exactly as it was (no decay), and its feature EMAs of log‖w‖ and
+log‖g‖ are neither updated nor counted: each layer has its own bias-correction counter (``layer_count``), so after a
+skip its features stay correctly scaled. The base optimizers' own step counters (optax keeps one per direction, not
+per layer) still advance; for Adam that makes the skipped layer's bias correction of m̂ and v̂ assume one step more
+than it saw, a per-layer scale factor that Eq. 2's normalisation removes except through Adam's ε and ‖d_1‖ (and it
+tends to 1 as training goes on). A non-finite loss is left out of the loss EMA and does not advance the loss's
+bias-correction counter (``loss_count``), so the loss feature stays correctly scaled; layers with finite gradients
+still update on that step. The step index k of the time features counts every call. Before the first finite loss
+the loss feature is 0, and before a layer's first update its EMA features are 0. With ``variant="global"`` the
+features are skipped only when every layer is.
 """
 
 from __future__ import annotations
@@ -152,12 +168,20 @@ class L3RSState(NamedTuple):
     """Optimizer state: the base optimizers' states plus a few scalars per layer.
 
     Attributes:
-      count: number of updates applied so far (k).
-      base_states: one optax state per direction, in ``config.directions`` order.
-      ema_log_w, ema_log_g: [L, G] raw (not yet bias-corrected) EMAs of log‖w‖ and log‖g‖ per component.
-      ema_loss: [G] raw EMAs of the loss.
+      count: number of update calls so far (k, the step index of the time features).
+      base_states: per direction (``config.directions`` order), a tuple with one optax state per layer (params
+        leaf, ``jax.tree.leaves`` order): every layer has its own base-optimizer state and step counter, so a
+        skipped layer's state stays exactly as it was.
+      ema_log_w, ema_log_g: [C, G] raw (not yet bias-corrected) EMAs of the log‖w‖ and log‖g‖ features per
+        component (C = number of layers, 1 for ``variant="global"``).
+      ema_loss: [G] raw EMAs of the loss feature.
       mixing: [L, P] the μ the last update used, rows in ``jax.tree.leaves(params)`` order.
-      step_norm: [L] the λ the last update used.
+      step_norm: [L] the λ the last update used (0 for a skipped layer).
+      layer_count: [C] number of updates that reached each component's EMAs (its bias-correction counter).
+      loss_count: number of finite losses in the loss EMA (its bias-correction counter).
+      ref_log_w, ref_log_g: [C] log‖w‖ and log‖g‖ at each component's first update (``feature_scale`` references).
+      ref_log_d: [C, P] log‖d_p‖ at each component's first update.
+      ref_loss: the first finite loss.
     """
 
     count: jax.Array
@@ -167,11 +191,39 @@ class L3RSState(NamedTuple):
     ema_loss: jax.Array
     mixing: jax.Array
     step_norm: jax.Array
+    layer_count: jax.Array
+    loss_count: jax.Array
+    ref_log_w: jax.Array
+    ref_log_g: jax.Array
+    ref_log_d: jax.Array
+    ref_loss: jax.Array
 
 
 def layer_stats(state: L3RSState) -> dict[str, jax.Array]:
     """μ ([L, P], columns in ``config.directions`` order) and λ ([L]) of the last update (for Fig. 4 plots)."""
     return {"mixing": state.mixing, "step_norm": state.step_norm}
+
+
+def _keep_skipped(new: Any, old: Any, active: jax.Array, treedef: Any) -> Any:
+    """The base state ``new``, with every params-shaped part (Adam's moments, ...) of a skipped layer taken from
+    ``old``. Scalars such as optax's step counter are shared by all layers and are taken from ``new``."""
+
+    def walk(node_new: Any, node_old: Any) -> Any:
+        if jax.tree.structure(node_new) == treedef:  # a params-shaped part: select per layer
+            leaves_new, leaves_old = treedef.flatten_up_to(node_new), treedef.flatten_up_to(node_old)
+            kept = [jnp.where(a, n, o) for a, n, o in zip(active, leaves_new, leaves_old, strict=True)]
+            return jax.tree.unflatten(treedef, kept)
+        if isinstance(node_new, tuple):  # optax states are (named) tuples of arrays and nested states
+            parts = [walk(n, o) for n, o in zip(node_new, node_old, strict=True)]
+            return type(node_new)(*parts) if hasattr(node_new, "_fields") else tuple(parts)
+        return node_new
+
+    return walk(new, old)
+
+
+def _correction(gammas: jax.Array, counts: jax.Array) -> jax.Array:
+    """EMA bias correction 1 − γ^t for t = ``counts`` (broadcast against γ); 1 where t = 0, where the EMA is still 0."""
+    return jnp.where(counts > 0, 1.0 - gammas ** counts.astype(jnp.float32), 1.0)
 
 
 def _mlp_apply(layers: list[dict[str, jax.Array]], x: jax.Array, per_layer: bool) -> jax.Array:
@@ -241,6 +293,12 @@ def l3rs(psi: Psi, config: L3RSConfig, total_steps: int | jax.Array) -> optax.Gr
             ema_loss=jnp.zeros((g,), jnp.float32),
             mixing=mixing0,
             step_norm=jnp.zeros((n,), jnp.float32),
+            layer_count=jnp.zeros((c,), jnp.int32),
+            loss_count=jnp.zeros([], jnp.int32),
+            ref_log_w=jnp.zeros((c,), jnp.float32),
+            ref_log_g=jnp.zeros((c,), jnp.float32),
+            ref_log_d=jnp.zeros((c, p_dirs), jnp.float32),
+            ref_loss=jnp.zeros([], jnp.float32),
         )
 
     def update_fn(grads: Any, state: L3RSState, params: Any = None, *, value: Any = None, **extra_args: Any):
@@ -256,52 +314,85 @@ def l3rs(psi: Psi, config: L3RSConfig, total_steps: int | jax.Array) -> optax.Gr
         n = len(g_leaves)
         idx = layer_index(params)
 
-        # Zero or non-finite gradients give a zero update for that layer, and never reach the base states.
+        # Edge cases (module docstring): a layer with an all-zero or non-finite gradient is skipped this step.
         finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in g_leaves])
+        active = finite & jnp.stack([jnp.any(g != 0) for g in g_leaves])  # [n]
         g_leaves = [jnp.where(ok, g, jnp.zeros_like(g)) for ok, g in zip(finite, g_leaves, strict=True)]
-        clean_grads = jax.tree.unflatten(treedef, g_leaves)
 
-        # Base directions d_p (all pointing downhill).
+        # Base directions d_p (all pointing downhill). A skipped layer's per-parameter base state (Adam's moments)
+        # is kept as it was; optax's step counter is one per direction, shared by all layers.
+        clean_grads = jax.tree.unflatten(treedef, g_leaves)
         dirs, base_states = [], []
-        for t, s in zip(base_transforms(), state.base_states, strict=True):
-            d, s_new = t.update(clean_grads, s, params)
+        for tx, s_old in zip(base_transforms(), state.base_states, strict=True):
+            d, s_new = tx.update(clean_grads, s_old, params)
             dirs.append(treedef.flatten_up_to(d))
-            base_states.append(s_new)
+            base_states.append(_keep_skipped(s_new, s_old, active, treedef))
 
         def sq(leaves: list[jax.Array]) -> jax.Array:  # per-leaf Σx² in float32 → [n]
             return jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves])
 
         sq_w, sq_g = sq(p_leaves), sq(g_leaves)
         sq_d = jnp.stack([sq(d) for d in dirs], axis=1)  # [n, P]
+        active_c = active
         if is_global:  # the whole model is one component
             sq_w, sq_g, sq_d = sq_w.sum(keepdims=True), sq_g.sum(keepdims=True), sq_d.sum(0, keepdims=True)
+            active_c = jnp.any(active, keepdims=True)
         norm_d = jnp.sqrt(sq_d)  # [C, P]
         log_w = jnp.log(jnp.sqrt(sq_w) + eps)
         log_g = jnp.log(jnp.sqrt(sq_g) + eps)
         log_d = jnp.log(norm_d + eps)
 
-        # Bias-corrected EMAs (§4.1): a ← γa + (1−γ)ξ, ã = a / (1 − γ^t), t = number of updates including this one.
-        t = state.count + 1
-        tf = t.astype(jnp.float32)
-        correction = 1.0 - gammas**tf  # [G]
-        ema_w = gammas * state.ema_log_w + (1 - gammas) * log_w[:, None]
-        ema_g = gammas * state.ema_log_g + (1 - gammas) * log_g[:, None]
+        # Scale-free features (config.feature_scale): norms relative to the component's first update.
+        first = active_c & (state.layer_count == 0)  # [C]
+        ref_log_w = jnp.where(first, log_w, state.ref_log_w)
+        ref_log_g = jnp.where(first, log_g, state.ref_log_g)
+        ref_log_d = jnp.where(first[:, None], log_d, state.ref_log_d)
         loss = jnp.asarray(value, jnp.float32)
-        ema_loss = jnp.where(jnp.isfinite(loss), gammas * state.ema_loss + (1 - gammas) * loss, state.ema_loss)
+        loss_ok = jnp.isfinite(loss)
+        ref_loss = jnp.where(loss_ok & (state.loss_count == 0), loss, state.ref_loss)
+        if config.feature_scale == "absolute":
+            xi_w, xi_g, xi_d, xi_loss = log_w, log_g, log_d, loss
+        else:
+            xi_w, xi_g, xi_d = log_w - ref_log_w, log_g - ref_log_g, log_d - ref_log_d
+            scale0 = jnp.abs(ref_loss) + eps
+            if config.feature_scale == "relative":
+                xi_loss = loss / scale0
+            else:  # "log_relative"
+                xi_loss = jnp.log(jnp.maximum(loss, eps)) - jnp.log(scale0)
+
+        # Bias-corrected EMAs (§4.1): a ← γa + (1−γ)ξ, ã = a / (1 − γ^t), t = the number of updates that reached
+        # this EMA, including this one (skipped layers and non-finite losses do not count).
+        layer_count = state.layer_count + active_c.astype(jnp.int32)
+        loss_count = state.loss_count + loss_ok.astype(jnp.int32)
+        # A skipped component keeps its EMA exactly: γ → 1 and 1 − γ → 0 for it (ξ is finite: grads were cleaned).
+        g_keep = jnp.where(active_c[:, None], gammas, 1.0)
+        g_new = jnp.where(active_c[:, None], 1 - gammas, 0.0)
+        ema_w = g_keep * state.ema_log_w + g_new * xi_w[:, None]
+        ema_g = g_keep * state.ema_log_g + g_new * xi_g[:, None]
+        ema_loss = jnp.where(loss_ok, gammas * state.ema_loss + (1 - gammas) * xi_loss, state.ema_loss)
+        t = state.count + 1
+        correction = 1.0 - gammas ** t.astype(jnp.float32)  # [G], for EMAs that saw every step (the usual case)
+        in_step = (layer_count == t)[:, None]  # components whose EMA saw every step: the plain §4.1 correction
+        lag_corr = _correction(gammas, layer_count[:, None])  # [C, G]
+        feat_w = jnp.where(in_step, ema_w / correction, ema_w / lag_corr)
+        feat_g = jnp.where(in_step, ema_g / correction, ema_g / lag_corr)
+        feat_loss = jnp.where(loss_count == t, ema_loss / correction, ema_loss / _correction(gammas, loss_count))
 
         # Time features (§4.1): k is the index of this step (0-based), K the horizon.
         k = state.count.astype(jnp.float32)
         big_k = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
-        rel_time = jnp.tanh(10.0 * (k / big_k - alphas))
-        abs_time = jnp.tanh(jnp.log(big_k * betas))
+        k_rel = k if config.past_horizon == "extrapolate" else jnp.minimum(k, big_k - 1.0)
+        rel_time = jnp.tanh(10.0 * (k_rel / big_k - alphas))
+        k_abs = big_k if config.absolute_time_k_max is None else jnp.minimum(big_k, config.absolute_time_k_max)
+        abs_time = jnp.tanh(jnp.log(k_abs * betas))
 
         c = log_w.shape[0]
-        shared = jnp.concatenate([ema_loss / correction, rel_time, abs_time])
+        shared = jnp.concatenate([feat_loss, rel_time, abs_time])
         parts = [
-            ema_w / correction,
-            ema_g / correction,
+            feat_w,
+            feat_g,
             jnp.broadcast_to(shared, (c, shared.shape[0])),
-            log_d,
+            xi_d,
         ]
         if config.effective_embedding_dim:
             parts.append(psi.embedding[idx])
@@ -311,6 +402,14 @@ def l3rs(psi: Psi, config: L3RSConfig, total_steps: int | jax.Array) -> optax.Gr
         z = _mlp_apply(mlp, features, per_layer_mlp)  # [C, P+1]
         mixing = jax.nn.softmax(z[:, :p_dirs], axis=-1)
         log_lam = z[:, p_dirs] + (log_d[:, 0] if config.lambda_skip else 0.0)
+        if config.lambda_max_adam_ratio is not None:
+            # Smooth bound in Adam-equivalent steps (config docstring): ratio' = c·σ(log ratio − log(c − 1)).
+            c_max = float(config.lambda_max_adam_ratio)
+            log_unit = log_d[:, 0] + float(np.log(config.init_lr))  # log(lr₀·‖d_1‖)
+            log_ratio = log_lam - log_unit
+            log_lam = log_unit + float(np.log(c_max)) + jax.nn.log_sigmoid(log_ratio - float(np.log(c_max - 1.0)))
+        if config.past_horizon == "decay":
+            log_lam = log_lam + jnp.minimum(jnp.log(big_k) - jnp.log(k + 1.0), 0.0)
         lam = jnp.exp(jnp.minimum(log_lam, _LOG_LAMBDA_MAX))
 
         # Eq. 2: Δθ = λ Σ_p μ_p d_p / ‖d_p‖ (a zero direction contributes nothing).
@@ -319,7 +418,7 @@ def l3rs(psi: Psi, config: L3RSConfig, total_steps: int | jax.Array) -> optax.Gr
         if is_global:
             coef = jnp.broadcast_to(coef, (n, p_dirs))
             mixing, lam = jnp.broadcast_to(mixing, (n, p_dirs)), jnp.broadcast_to(lam, (n,))
-        coef = jnp.where(finite[:, None], coef, 0.0)
+        coef = jnp.where(active[:, None], coef, 0.0)
         updates = []
         for i, p_leaf in enumerate(p_leaves):
             u = sum(coef[i, j] * dirs[j][i].astype(jnp.float32) for j in range(p_dirs))
@@ -332,7 +431,13 @@ def l3rs(psi: Psi, config: L3RSConfig, total_steps: int | jax.Array) -> optax.Gr
             ema_log_g=ema_g,
             ema_loss=ema_loss,
             mixing=mixing,
-            step_norm=jnp.where(finite, lam, 0.0),
+            step_norm=jnp.where(active, lam, 0.0),
+            layer_count=layer_count,
+            loss_count=loss_count,
+            ref_log_w=ref_log_w,
+            ref_log_g=ref_log_g,
+            ref_log_d=ref_log_d,
+            ref_loss=ref_loss,
         )
         return jax.tree.unflatten(treedef, updates), new_state
 

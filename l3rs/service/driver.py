@@ -145,8 +145,14 @@ class Driver:
             {
                 "run_name": self.cfg.run.name,
                 "model": self.cfg.model.name,
+                "model_options": dict(self.cfg.model.options),
+                "model_head": self.cfg.model.head,
                 "model_checkpoint": self.cfg.model.checkpoint,
                 "dataset": self.cfg.data.dataset,
+                "classes": {
+                    k: list(getattr(self.cfg.data.spec(), f"{k}_classes"))
+                    for k in ("pretrain", "meta_train", "meta_test")
+                },
                 "num_classes": self.cfg.task.num_classes,
                 "k_range": [self.cfg.task.k_min, self.cfg.task.k_max],
                 "train_scope": self.cfg.task.train_scope,
@@ -188,6 +194,7 @@ class Driver:
             placement_timeout_s=w.placement_timeout_s,
             env_vars=worker_env(dict(w.resources)),
             name=f"{self.cfg.run.name}-workers",
+            actor_name_prefix=f"l3rs:{self.cfg.run.name}:worker-",  # dashboard: Actors tells runs apart
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -207,7 +214,7 @@ class Driver:
         self.checkpoint_generation = int(state.generation) if state.generation else None
         total = self.cfg.nes.generations
         end = total if stop_after is None else min(total, state.generation + stop_after)
-        metrics = RunMetrics(self.cfg.run.name)
+        metrics = RunMetrics(self.cfg.run.name, generation=state.generation)
         if own_pool:
             pool = self.make_pool()
         bar = None
@@ -239,7 +246,8 @@ class Driver:
                 seconds = time.perf_counter() - start
                 stats = pool.stats()
                 row = {
-                    "generation": gen,
+                    "generation": gen,  # 0-based index of this generation
+                    "generations_completed": gen + 1,  # the N of "gen N/T" and of the l3rs_generation gauge
                     "fitness_mean": float(np.nanmean(fitness)) if np.isfinite(fitness).any() else None,
                     "fitness_best": float(np.nanmax(fitness)) if np.isfinite(fitness).any() else None,
                     "accuracy_mean": float(np.nanmean(accs)),
@@ -257,7 +265,7 @@ class Driver:
                 }
                 history.append(row)
                 metrics.set(
-                    generation=gen,
+                    generation=row["generations_completed"],
                     fitness_mean=row["fitness_mean"] if row["fitness_mean"] is not None else float("nan"),
                     fitness_best=row["fitness_best"] if row["fitness_best"] is not None else float("nan"),
                     eval_accuracy=row["accuracy_mean"],

@@ -190,6 +190,9 @@ class ElasticPool:
       pipeline_depth: units in flight per worker (1, or 2 to hide the dispatch round trip).
       runtime_env: extra runtime_env entries for the actors (``env_vars`` is merged in).
       name: a label for logs.
+      actor_name_prefix: if given, worker ``i`` (counting every worker this pool started, replacements included) is
+        the named actor ``f"{actor_name_prefix}{i}"`` (what the dashboard's Actors page shows); a name still held
+        by a live actor (e.g. another pool's) gets a suffix ``.2``, ``.3``, ... so names stay unique.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class ElasticPool:
         pipeline_depth: int = 1,
         runtime_env: dict[str, Any] | None = None,
         name: str | None = None,
+        actor_name_prefix: str | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -235,6 +239,7 @@ class ElasticPool:
         self.poll_s = float(poll_s)
         self.pipeline_depth = int(pipeline_depth)
         self.name = name or getattr(worker_cls, "__name__", "worker")
+        self.actor_name_prefix = actor_name_prefix
         env = {str(k): str(v) for k, v in (env_vars or {}).items()}
         renv = dict(runtime_env or {})
         if env or renv.get("env_vars"):
@@ -390,7 +395,7 @@ class ElasticPool:
     def _spawn(self) -> None:
         index = self._next_index
         self._next_index += 1
-        actor = self._cls.options(**self._options).remote(*self.args, **self.kwargs)
+        actor = self._create_actor(index)
         try:
             ready = actor.ready
         except AttributeError:  # no ready(): Ray's own no-op method resolves once the constructor has run
@@ -398,6 +403,18 @@ class ElasticPool:
         self._workers[index] = _Worker(index, actor, time.monotonic(), ready.remote())
         self._counts["workers_started"] += 1
         log.info("pool %s: starting worker %d (%s)", self.name, index, self.resources)
+
+    def _create_actor(self, index: int) -> Any:
+        if not self.actor_name_prefix:
+            return self._cls.options(**self._options).remote(*self.args, **self.kwargs)
+        base = f"{self.actor_name_prefix}{index}"
+        for attempt in range(1, 100):
+            name = base if attempt == 1 else f"{base}.{attempt}"
+            try:
+                return self._cls.options(**self._options, name=name).remote(*self.args, **self.kwargs)
+            except rex.ActorAlreadyExistsError:  # the name belongs to a live actor: try the next suffix
+                continue
+        raise PoolError(f"pool {self.name!r}: no free actor name for {base!r}")
 
     def _drop(self, index: int) -> _Worker:
         w = self._workers.pop(index)

@@ -40,7 +40,7 @@ __all__ = [
 # Sections whose change alters the math of a run: resuming with a different value is refused ...
 RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes", "run")
 # ... except these: where the run folder lives, how often it checkpoints, and how long it runs (extending a run).
-RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations")}
+RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations"), ("model", "module_path")}
 # pyarrow.fs schemes run storage accepts (local paths need none).
 KNOWN_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 
@@ -97,20 +97,15 @@ def check_location(uri: str, field: str) -> None:
 
 
 def check_checkpoint(cfg: Config) -> None:
-    """``model.checkpoint`` is ``"random"`` or a folder written by ``l3rs pretrain``."""
+    """``model.checkpoint`` is ``"random"`` or a θ0 that exists, is readable and fits the model."""
     if cfg.model.checkpoint == "random":
         return
-    from l3rs.meta.pretrain import META_FILE
+    from l3rs.meta.runner import load_theta0
 
-    try:
-        found = storage.exists(storage.join(cfg.model.checkpoint, META_FILE))
+    try:  # exists, is a θ0 format we read, and fits the model's shapes
+        load_theta0(cfg)
     except (OSError, ValueError) as e:
-        raise PreflightError(f"model.checkpoint: cannot read {cfg.model.checkpoint!r}: {e}") from None
-    if not found:
-        raise PreflightError(
-            f"model.checkpoint: no pretrained checkpoint at {cfg.model.checkpoint!r}; run `l3rs pretrain` with the "
-            'same config first (it writes pretrain.output), or set model.checkpoint = "random".'
-        )
+        raise PreflightError(str(e)) from None
 
 
 def resume_differences(cfg: Config, run_dir: str) -> list[tuple[str, Any, Any]]:
@@ -123,6 +118,7 @@ def resume_differences(cfg: Config, run_dir: str) -> list[tuple[str, Any, Any]]:
         return []
     saved = json.loads(storage.read_bytes(config_uri))
     current = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples become lists
+    defaults = json.loads(json.dumps(Config().to_dict()))
     diffs = []
     for section in RESUME_SECTIONS:
         keys = sorted(set(current.get(section, {})) | set(saved.get(section, {})))
@@ -130,6 +126,8 @@ def resume_differences(cfg: Config, run_dir: str) -> list[tuple[str, Any, Any]]:
             if (section, key) in RESUME_MAY_CHANGE:
                 continue
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if key not in saved.get(section, {}) and new == defaults.get(section, {}).get(key):
+                continue  # a field newer than the saved run, at its default
             if old != new:
                 diffs.append((f"{section}.{key}", old, new))
     return diffs

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any
 
-from l3rs.cpu import PIN_ENV, claim_from_env
+from l3rs.cpu import PIN_ENV, claim_from_env, is_shared, rebalance
 
 __all__ = ["MetaWorker", "worker_env"]
 
@@ -47,8 +47,10 @@ class MetaWorker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "cores": self.cores,
+            "shared_core": is_shared(),
             "setup_seconds": self.runner.setup_seconds,
         }
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
+        rebalance()  # started on a shared core (all were taken)? move to one freed since: same numbers (l3rs.cpu)
         return self.runner.evaluate(payload["candidates"], payload["task_seed"])
