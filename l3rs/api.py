@@ -21,7 +21,14 @@ from typing import Any
 from l3rs import storage
 from l3rs.config import Config, ConfigError, config_from_dict, load_config
 
-__all__ = ["EvaluationResult", "as_config", "evaluate", "pretrain", "train"]  # + TrainResult, PretrainResult (lazy)
+__all__ = [
+    "EvaluationResult",
+    "TrainingStopped",
+    "as_config",
+    "evaluate",
+    "pretrain",
+    "train",
+]  # + TrainResult, PretrainResult (lazy)
 
 
 def as_config(config: Config | str | os.PathLike | Mapping[str, Any] | None) -> Config:
@@ -50,12 +57,46 @@ def pretrain(config: Config | str | os.PathLike | Mapping[str, Any] | None = Non
     """
     from l3rs.meta.pretrain import pretrain as _pretrain
     from l3rs.service.driver import resolve_paths
+    from l3rs.service.preflight import check_location
 
     cfg = resolve_paths(as_config(config))
     p, m = cfg.pretrain, cfg.model
+    check_location(p.output, "pretrain.output")  # writable before the work, not found out after it
     return _pretrain(dataset=cfg.data.spec(), model_name=m.name, steps=p.steps, batch_size=p.batch_size,
                      learning_rate=p.learning_rate, seed=p.seed, data_dir=cfg.data.data_dir or None, output=p.output,
                      progress=progress, model_options=dict(m.options), module_path=m.module_path)  # fmt: skip
+
+
+CONNECT_TIMEOUT_S = 5.0  # how long train() waits for a cluster address to answer before giving up
+
+
+class TrainingStopped(Exception):
+    """:func:`train` was stopped by SIGINT or SIGTERM (with ``stop_on_signals=True``); the run resumes when the same
+    call is made again.
+
+    Attributes:
+      signum: the signal.
+      generation: generations completed when it stopped.
+      checkpoint_generation: the generation of the last checkpoint (0: none yet).
+    """
+
+    def __init__(self, signum: int, generation: int, checkpoint_generation: int) -> None:
+        self.signum, self.generation, self.checkpoint_generation = signum, generation, checkpoint_generation
+        c = checkpoint_generation
+        where = (
+            f"the last checkpoint is generation {c}; rerun the same command to resume"
+            if c
+            else "there is no checkpoint yet; rerun the same command to start again"
+        )
+        super().__init__(f"stopped at generation {generation}; {where}")
+
+
+class _Signalled(BaseException):
+    """Raised in the main thread by the first SIGINT / SIGTERM (a BaseException, like Ctrl-C's)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def train(
@@ -64,46 +105,100 @@ def train(
     address: str | None = None,
     dashboard: bool = False,
     progress: bool = True,
+    stop_on_signals: bool = False,
 ) -> Any:
     """Meta-trains ψ with NES on Ray (or resumes the run ``run.name`` from its last checkpoint).
 
     Args:
       config: the run config (Config, TOML path, dict; None = the embedded default).
-      address: a Ray cluster to join; default ``RAY_ADDRESS``, else this process's Ray if initialised, else a new
-        local cluster on 127.0.0.1 (sized by ``workers``).
+      address: the GCS address ``HOST:PORT`` of a Ray cluster to join; default ``RAY_ADDRESS``, else this process's
+        Ray if initialised, else a new local cluster on 127.0.0.1 (sized by ``workers``).
       dashboard: start the dashboard with a new local cluster.
       progress: a progress bar when attached to a terminal (one log line per generation always).
+      stop_on_signals: SIGINT and SIGTERM stop the run cleanly (the pool is shut down, the last checkpoint kept) and
+        raise :class:`TrainingStopped`; later signals are ignored while it cleans up. Installed after joining Ray,
+        whose C++ failure handler would otherwise print a crash dump on SIGTERM. Main thread only.
 
     Returns:
       :class:`l3rs.service.driver.TrainResult`: ``run_dir``, ``psi_uri`` (the ψ artifact for :func:`l3rs.load`),
       ``generations``, ``history`` (one dict per generation) and ``psi_sha256``.
 
     Raises:
-      ConfigError: a bad config, unwritable storage or a θ0 that does not fit the model: before Ray starts.
+      ConfigError: a bad config or address, unwritable storage, or a θ0 that does not fit the model: before Ray
+        starts.
+      l3rs.service.jobclient.ClusterUnreachable: nothing answers at ``address`` (within ``CONNECT_TIMEOUT_S``).
+      TrainingStopped: with ``stop_on_signals``, after SIGINT / SIGTERM.
     """
     from l3rs.service.driver import Driver
+    from l3rs.service.preflight import check_checkpoint
 
     cfg = as_config(config)
-    driver = Driver(cfg, progress=progress)
+    driver = Driver(cfg, progress=progress)  # validates paths before Ray starts
     if driver.cfg.model.checkpoint != "random":  # θ0 exists, is readable and fits the model: before Ray starts
-        from l3rs.meta.runner import load_theta0
-
-        try:
-            load_theta0(driver.cfg)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_checkpoint(driver.cfg)
     _connect(address, cfg, dashboard=dashboard)
-    return driver.run()
+    if not stop_on_signals:
+        return driver.run()
+    import signal
+
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise _Signalled(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return driver.run()
+    except _Signalled as s:
+        raise TrainingStopped(s.signum, driver.generation, driver.checkpoint_generation) from None
+    finally:
+        if not received:  # after a signal the handlers stay, so a second Ctrl-C cannot interrupt the clean-up
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+
+def _check_port(address: str) -> None:
+    """Fails within seconds when nothing listens at a ``HOST:PORT`` Ray address, instead of Ray's long retries."""
+    import socket
+
+    from l3rs.service.jobclient import ClusterUnreachable
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"address: expected the cluster's HOST:PORT (e.g. 127.0.0.1:6379), got {address!r}.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"cannot reach a Ray cluster at {address} ({e}): start it (cluster/start_local.sh) or pass its GCS "
+            "address HOST:6379."
+        ) from None
 
 
 def _connect(address: str | None, cfg: Config, dashboard: bool = False) -> None:
+    """Joins the cluster at ``address``, else ``RAY_ADDRESS``, else reuses this process's Ray, else starts a local
+    one on 127.0.0.1."""
     import ray
 
+    from l3rs.service.jobclient import ClusterUnreachable
     from l3rs.service.raycluster import connect, init_local
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        connect(address)
+        if address.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"address: {address!r} is a dashboard URL; training joins the cluster itself: give its GCS "
+                "address HOST:6379 (the dashboard URL is for `l3rs submit`)."
+            )
+        _check_port(address)
+        try:
+            connect(address)
+        except (ConnectionError, TimeoutError) as e:
+            raise ClusterUnreachable(f"cannot join the Ray cluster at {address}: {e}") from None
     elif not ray.is_initialized():  # a notebook's own Ray is reused
         cpus = max(int(cfg.workers.max_workers * cfg.workers.resources.get("CPU", 1)), 1)
         init_local(num_cpus=cpus, include_dashboard=dashboard)

@@ -30,7 +30,6 @@ EXIT_BAD_INPUT = 2  # config, arguments, pre-flight checks, unknown job or run
 EXIT_UNREACHABLE = 3  # no cluster / dashboard answers at the address
 EXIT_SIGINT = 128 + signal.SIGINT  # 130: train stopped by Ctrl-C; rerun to resume
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: train stopped by SIGTERM (also `l3rs stop`); rerun to resume
-CONNECT_TIMEOUT_S = 5.0
 
 
 class CLIError(Exception):
@@ -39,14 +38,6 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
         super().__init__(message)
         self.code = code
-
-
-class _Stopped(BaseException):
-    """Raised in the main thread by SIGINT / SIGTERM while ``l3rs train`` runs (a BaseException, like Ctrl-C's)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,49 +79,6 @@ def _load(args) -> Any:
     return config_from_dict(raw)
 
 
-def _check_port(address: str) -> None:
-    """Fails within seconds (exit 3) when nothing listens at a ``HOST:PORT`` Ray address, instead of Ray's long
-    retries."""
-    import socket
-
-    if address in ("auto", "local") or "://" in address:
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise CLIError(f"--address: expected the cluster's HOST:PORT (e.g. 127.0.0.1:6379), got {address!r}.")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise CLIError(
-            f"cannot reach a Ray cluster at {address} ({e}): start it (cluster/start_local.sh) or pass its GCS "
-            "address with --address HOST:6379.",
-            EXIT_UNREACHABLE,
-        ) from None
-
-
-def _connect(address: str | None, cfg=None, dashboard: bool = False) -> None:
-    """Joins the cluster at ``address`` (the flag wins), else ``RAY_ADDRESS``, else starts a local one."""
-    from l3rs.service.raycluster import connect, init_local
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        if address.startswith(("http://", "https://")):
-            raise CLIError(
-                f"--address: {address!r} is a dashboard URL; `l3rs train` joins the cluster itself: give its GCS "
-                "address HOST:6379 (the dashboard URL is for `l3rs submit`)."
-            )
-        _check_port(address)
-        try:
-            connect(address)
-        except (ConnectionError, TimeoutError) as e:
-            raise CLIError(f"cannot join the Ray cluster at {address}: {e}", EXIT_UNREACHABLE) from None
-    else:
-        cpus = None
-        if cfg is not None:
-            cpus = max(int(cfg.workers.max_workers * cfg.workers.resources.get("CPU", 1)), 1)
-        init_local(num_cpus=cpus, include_dashboard=dashboard)
-
-
 def _dashboard(args) -> str:
     from l3rs.service.jobclient import dashboard_address
 
@@ -157,63 +105,29 @@ def _failure_summary(message: str | None) -> str:
     return head if len(lines) == 1 else f"{head}: {lines[-1]}"
 
 
-def _stop_on_signals() -> dict[str, int | None]:
-    """SIGINT and SIGTERM raise :class:`_Stopped` in the main thread once; later ones are ignored while it cleans up.
-
-    Installed after ``ray.init``, which replaces Python's SIGTERM handling with a C++ crash handler that prints a
-    crash dump (``*** SIGTERM received ... PC: @ 0x...``) before exiting: ``signal.signal`` takes SIGTERM back.
-    """
-    state: dict[str, int | None] = {"signum": None}
-
-    def handler(signum: int, frame: Any) -> None:
-        if state["signum"] is None:
-            state["signum"] = signum
-            raise _Stopped(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return state
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args) -> int:
     from l3rs.api import pretrain
     from l3rs.service.driver import resolve_paths
-    from l3rs.service.preflight import check_location
 
     cfg = resolve_paths(_load(args))
     p = cfg.pretrain
-    check_location(p.output, "pretrain.output")  # before the work, not after it
-    result = pretrain(cfg)
+    result = pretrain(cfg)  # checks that pretrain.output is writable before the work
     print(json.dumps({k: result.meta[k] for k in ("model", "dataset", "test_accuracy", "steps", "seconds")}))
     print(f"checkpoint: {p.output}")
     return 0
 
 
 def cmd_train(args) -> int:
-    # What l3rs.api.train does, with the CLI's address checks and signal handling around the driver.
-    from l3rs.service.driver import Driver
+    from l3rs.api import TrainingStopped, train
 
     cfg = _load(args)
-    driver = Driver(cfg)  # validates paths before Ray starts
-    if driver.cfg.model.checkpoint != "random":  # θ0 exists, is readable and fits the model: before Ray starts
-        from l3rs.service.preflight import check_checkpoint
-
-        check_checkpoint(driver.cfg)
-    _connect(args.address, cfg, dashboard=args.dashboard)
-    _stop_on_signals()
     try:
-        result = driver.run()
-    except _Stopped as stopped:
-        c = driver.checkpoint_generation
-        where = (
-            f"the last checkpoint is generation {c}; rerun the same command to resume"
-            if c
-            else "there is no checkpoint yet; rerun the same command to start again"
-        )
-        print(f"stopped at generation {driver.generation}; {where}", file=sys.stderr, flush=True)
+        result = train(cfg, address=args.address, dashboard=args.dashboard, stop_on_signals=True)
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr, flush=True)
         return EXIT_SIGINT if stopped.signum == signal.SIGINT else EXIT_SIGTERM
     print(
         json.dumps(
@@ -534,7 +448,7 @@ def _describe_failure(e: BaseException, command: str) -> tuple[int | None, str]:
         return EXIT_BAD_INPUT, str(e)
     if isinstance(e, ClusterUnreachable):
         return EXIT_UNREACHABLE, str(e)
-    if isinstance(e, KeyboardInterrupt | _Stopped):
+    if isinstance(e, KeyboardInterrupt):
         return EXIT_SIGINT, "interrupted"
     first = (str(e).strip().splitlines() or [""])[0]
     return EXIT_FAILED, f"failed: {type(e).__name__}: {first} (--verbose shows the traceback)"
