@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from common import emit_json, format_table
 
-    print(format_table(rows, ["population", "dim", "mode", "units", "put_s", "dispatch_s", "fitness_s", "tell_s",
-                              "checkpoint_s", "driver_s_per_generation", "unit_payload_bytes", "peak_rss_mb"]))  # fmt: skip
+    columns = ["population", "dim", "mode", "units", "put_s", "dispatch_s", "fitness_s", "tell_s", "checkpoint_s",
+               "driver_s_per_generation", "unit_payload_bytes", "peak_rss_mb"]  # fmt: skip
+    print(format_table(rows, columns))
 
     def cell(pop: int, dim: int, mode: str = "per_pair") -> dict[str, Any]:
         return next(r for r in rows if (r["population"], r["dim"], r["mode"]) == (pop, dim, mode))
