@@ -107,13 +107,25 @@ def test_a_unit_carries_no_psi_vector():
     assert max(len(pickle.dumps(u.payload)) for u in small) < 400  # a handle and a few numbers, not D floats
 
 
+def test_table_noise_is_a_slice_of_one_seeded_table_at_a_pure_offset():
+    table = nes.noise_table(3, DIM)
+    assert table.size == nes.TABLE_MIN_SIZE and not table.flags.writeable
+    a = nes.pair_noise("table", 3, 5, 17, DIM)
+    offset = int(np.random.default_rng([3, 5, 17]).integers(0, table.size - DIM + 1))
+    assert np.shares_memory(a, table) and a.tobytes() == table[offset : offset + DIM].tobytes()
+    assert nes.pair_noise("table", 3, 5, 16, DIM).tobytes() != a.tobytes()
+    assert nes.noise_table(4, DIM)[:DIM].tobytes() != table[:DIM].tobytes()  # another run, another table
+
+
 def test_noise_mode_is_validated_by_name():
-    with pytest.raises(ValueError, match=r"^noise: must be one of 'sequential', 'per_pair', got 'table'"):
-        _cfg("table").validate()
+    with pytest.raises(ValueError, match=r"^noise: must be one of 'sequential', 'per_pair', 'table', got 'tabel'"):
+        _cfg("tabel").validate()
     with pytest.raises(ValueError, match=r"^noise: "):
         nes.pair_noise("gaussian", 0, 0, 0, 4)
     cfg = Config()
-    bad = dataclasses.replace(cfg, nes=dataclasses.replace(cfg.nes, noise="table"))
-    with pytest.raises(ConfigError, match=r"^nes\.noise: must be \"sequential\" or \"per_pair\", got 'table'"):
+    bad = dataclasses.replace(cfg, nes=dataclasses.replace(cfg.nes, noise="tabel"))
+    with pytest.raises(
+        ConfigError, match=r"^nes\.noise: must be \"sequential\", \"per_pair\" or \"table\", got 'tabel'"
+    ):
         bad.validate()
     assert Config().replace({"nes.noise": "per_pair"}).nes.nes_config().noise == "per_pair"

@@ -28,8 +28,15 @@ Noise modes and memory (issue 14). Pair i's noise ε_i (float32 [D]) is
 - ``"per_pair"``: ``np.random.default_rng([seed, generation, i]).standard_normal(D, dtype=np.float32)``, one
   stream per pair: O(D) time and memory for any pair, anywhere. Pick it for large populations or large ψ
   (hundreds of workers, D in the millions); it is a different stream, so it does not reproduce runs made
-  with ``"sequential"``. Chosen over a shared noise table (Salimans et al., 2017, §2.1) because it costs no
-  table memory on the driver and on every worker (theirs: 1 GB per node) and its noise rows are independent.
+  with ``"sequential"``. Costs no table memory, and its noise rows are independent; but drawing a row (~10 ns
+  per float) dominates the driver's ``tell`` at D in the millions.
+- ``"table"``: the shared noise table of Salimans et al. (2017, §2.1): ``T = max(2**25, 8·D)`` float32 normals
+  drawn once per process from ``default_rng([seed, 2**32 − 1])`` (:func:`noise_table`, 128 MiB up to D ≈ 4.2M,
+  cached), and ε_i = ``table[o_i : o_i + D]`` at the offset ``o_i = default_rng([seed, generation,
+  i]).integers(0, T − D + 1)``. O(D) time per pair with no RNG work beyond the offset, so ``tell`` costs only the
+  float64 accumulation (~5x faster than ``"per_pair"`` at D = 2.3M); rows of one generation overlap (slices of
+  the same table), as in Salimans et al. Pick it when the driver's ``tell`` is the bottleneck (population 1024
+  at D = 2.3M: ``benchmarks/driver_scale.py``); it costs the table's memory on the driver and in every worker.
 
 Only :func:`ask` (kept for small problems and tests) materialises a population × D matrix; the driver uses
 :func:`pair_noise` / :func:`perturb` on the workers and :func:`tell_seeded` on the driver, O(D) memory each.
@@ -69,6 +76,7 @@ __all__ = [
     "tell",
     "tell_seeded",
     "pair_noise",
+    "noise_table",
     "noise_rows",
     "perturb",
     "pair_candidates",
@@ -80,7 +88,10 @@ __all__ = [
     "state_from_dict",
 ]
 
-NOISE_MODES = ("sequential", "per_pair")
+NOISE_MODES = ("sequential", "per_pair", "table")
+TABLE_MIN_SIZE = 1 << 25  # floats in a noise table: 128 MiB of float32
+_TABLE_TAG = 0xFFFFFFFF  # the table's stream: [seed, _TABLE_TAG], a generation no run reaches
+_TABLES: dict[tuple[int, int], np.ndarray] = {}  # this process's table (one at a time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,17 +206,36 @@ def _check_seed(seed: Any) -> None:
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}.")
 
 
+def noise_table(seed: int, dim: int) -> np.ndarray:
+    """The ``"table"`` mode's read-only float32 table of ``max(TABLE_MIN_SIZE, 8·dim)`` N(0, 1) draws of run
+    ``seed``: drawn on first use in a process (~0.4 s), then cached (the last one only)."""
+    _check_seed(seed)
+    key = (int(seed), max(TABLE_MIN_SIZE, 8 * int(dim)))
+    table = _TABLES.get(key)
+    if table is None:
+        _TABLES.clear()
+        table = np.random.default_rng([key[0], _TABLE_TAG]).standard_normal(key[1], dtype=np.float32)
+        table.setflags(write=False)
+        _TABLES[key] = table
+    return table
+
+
 def pair_noise(mode: str, seed: int, generation: int, pair: int, dim: int) -> np.ndarray:
     """ε of antithetic pair ``pair`` in generation ``generation``: float32 [dim] ~ N(0, I), a pure function of its
     arguments.
 
-    ``"per_pair"``: O(dim) time and memory. ``"sequential"``: row ``pair`` of the generation's matrix stream, drawn
-    row by row, so O(dim) memory but O((pair + 1)·dim) time; bit-identical to ``ask``'s ``eps[pair]``.
+    ``"per_pair"``: O(dim) time and memory. ``"table"``: a read-only view into :func:`noise_table`.
+    ``"sequential"``: row ``pair`` of the generation's matrix stream, drawn row by row, so O(dim) memory but
+    O((pair + 1)·dim) time; bit-identical to ``ask``'s ``eps[pair]``.
     """
     _check_noise_mode(mode)
     _check_seed(seed)
     if mode == "per_pair":
         return np.random.default_rng([int(seed), int(generation), int(pair)]).standard_normal(dim, dtype=np.float32)
+    if mode == "table":
+        table = noise_table(seed, dim)
+        offset = int(np.random.default_rng([int(seed), int(generation), int(pair)]).integers(0, table.size - dim + 1))
+        return table[offset : offset + dim]
     rng = np.random.default_rng([int(seed), int(generation)])
     for _ in range(int(pair)):
         rng.standard_normal(dim, dtype=np.float32)  # the rows before ours: the stream is sequential
@@ -216,7 +246,7 @@ def noise_rows(mode: str, seed: int, generation: int, num_pairs: int, dim: int) 
     """ε_0, ε_1, … ε_{num_pairs−1} one at a time: O(dim) memory, O(num_pairs·dim) time in either mode."""
     _check_noise_mode(mode)
     _check_seed(seed)
-    if mode == "per_pair":
+    if mode != "sequential":
         for i in range(num_pairs):
             yield pair_noise(mode, seed, generation, i, dim)
         return
@@ -353,14 +383,14 @@ def tell_seeded(config: NESConfig, state: NESState, seed: int, fitness: np.ndarr
     """:func:`tell` that regenerates the noise of ``(seed, state.generation)`` pair by pair instead of taking the
     [pop/2, D] matrix: O(D) memory, the same float64 accumulation in the same order, so the new state is bit-identical
     to ``tell(config, state, *ask(config, state, seed)[:1], fitness)``. In ``"per_pair"`` mode a pair whose shaped
-    fitness difference is zero is not drawn at all.
+    fitness difference is zero is not drawn at all (nor in ``"table"`` mode).
     """
     _check_seed(seed)
     _check_state(state)
     mode, generation, dim = config.noise, int(state.generation), state.mean.shape[0]
 
     def noise(diff: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        if mode == "per_pair":  # independent streams: draw only the pairs that count
+        if mode != "sequential":  # random access: draw only the pairs that count
             return ((i, pair_noise(mode, seed, generation, i, dim)) for i in range(len(diff)) if diff[i] != 0.0)
         rows = noise_rows(mode, seed, generation, len(diff), dim)  # every row is drawn: the stream is sequential
         return ((i, row) for i, row in enumerate(rows) if diff[i] != 0.0)
