@@ -82,6 +82,8 @@ def run_cell(pop: int, dim: int, mode: str, generations: int, meta_batch: int) -
                         noise="sequential" if mode == "matrix" else mode)  # fmt: skip
     state = nes.init(cfg, np.random.default_rng(0).standard_normal(dim).astype(np.float32) * 0.01)
     seed, n = 0, cfg.num_pairs * meta_batch
+    if mode == "table":
+        nes.noise_table(seed, dim)  # drawn once per run (and once per worker process), not per generation
     rng = np.random.default_rng(1)
     times: dict[str, list[float]] = {k: [] for k in ("put_s", "dispatch_s", "fitness_s", "tell_s", "checkpoint_s")}
     payload_bytes = 0

@@ -376,7 +376,7 @@ def tell(config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarra
     eps = np.asarray(eps)
     if eps.shape != (pairs, dim):
         raise ValueError(f"eps: expected shape {(pairs, dim)} (population_size // 2, D), got {eps.shape}.")
-    return _tell(config, state, fitness, lambda diff: ((i, eps[i]) for i in range(pairs) if diff[i] != 0.0))
+    return _tell(config, state, fitness, lambda diff, grad: _accumulate(enumerate(eps), diff, grad))
 
 
 def tell_seeded(config: NESConfig, state: NESState, seed: int, fitness: np.ndarray) -> tuple[NESState, dict[str, Any]]:
@@ -389,20 +389,47 @@ def tell_seeded(config: NESConfig, state: NESState, seed: int, fitness: np.ndarr
     _check_state(state)
     mode, generation, dim = config.noise, int(state.generation), state.mean.shape[0]
 
-    def noise(diff: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        if mode != "sequential":  # random access: draw only the pairs that count
-            return ((i, pair_noise(mode, seed, generation, i, dim)) for i in range(len(diff)) if diff[i] != 0.0)
-        rows = noise_rows(mode, seed, generation, len(diff), dim)  # every row is drawn: the stream is sequential
-        return ((i, row) for i, row in enumerate(rows) if diff[i] != 0.0)
+    def accumulate(diff: np.ndarray, grad: np.ndarray) -> None:
+        if mode == "table":
+            _accumulate_table(noise_table(seed, dim), seed, generation, diff, grad)
+        elif mode == "per_pair":  # random access: draw only the pairs that count
+            _accumulate(
+                ((i, pair_noise(mode, seed, generation, i, dim)) for i in range(len(diff)) if diff[i]), diff, grad
+            )
+        else:  # every row is drawn: the stream is sequential
+            _accumulate(enumerate(noise_rows(mode, seed, generation, len(diff), dim)), diff, grad)
 
-    return _tell(config, state, fitness, noise)
+    return _tell(config, state, fitness, accumulate)
+
+
+def _accumulate(rows: Iterator[tuple[int, np.ndarray]], diff: np.ndarray, grad: np.ndarray) -> None:
+    # Fixed-order float64 accumulation (no BLAS reduction): bit-identical on every machine and thread count.
+    for i, row in rows:  # ascending i
+        if diff[i] != 0.0:
+            grad += diff[i] * row.astype(np.float64)
+
+
+_TABLE_BLOCK = 1 << 16  # float64 gradient block that stays in cache while every pair's slice is added to it
+
+
+def _accumulate_table(table: np.ndarray, seed: int, generation: int, diff: np.ndarray, grad: np.ndarray) -> None:
+    # The same additions as _accumulate over the rows table[o_i : o_i + D] (every element sees diff_i · ε_i added in
+    # ascending i), so bit-identical to it, but block by block over D: each block of the gradient stays in cache.
+    dim = grad.shape[0]
+    pairs = [(i, int(np.random.default_rng([seed, generation, i]).integers(0, table.size - dim + 1)))
+             for i in range(diff.shape[0]) if diff[i] != 0.0]  # fmt: skip
+    for start in range(0, dim, _TABLE_BLOCK):
+        stop = min(start + _TABLE_BLOCK, dim)
+        block = grad[start:stop]
+        for i, offset in pairs:
+            block += diff[i] * table[offset + start : offset + stop].astype(np.float64)
 
 
 def _tell(
     config: NESConfig,
     state: NESState,
     fitness: np.ndarray,
-    noise: Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]],
+    accumulate: Callable[[np.ndarray, np.ndarray], None],
 ) -> tuple[NESState, dict[str, Any]]:
     pop, dim = config.population_size, state.mean.shape[0]
     fitness = np.asarray(fitness, dtype=np.float64)
@@ -427,10 +454,8 @@ def _tell(
 
     shaped = centered_ranks(fitness)
     diff = shaped[0::2] - shaped[1::2]  # antithetic pair differences, [pairs]
-    # Fixed-order float64 accumulation (no BLAS reduction): bit-identical on every machine and thread count.
     grad = np.zeros(dim, dtype=np.float64)
-    for i, row in noise(diff):  # ascending i, only pairs with diff[i] != 0
-        grad += diff[i] * row.astype(np.float64)
+    accumulate(diff, grad)  # grad = Σ_i diff_i ε_i, in float64, in a fixed order
     grad /= pop * sigma
 
     b1, b2 = float(config.adam_b1), float(config.adam_b2)
