@@ -58,6 +58,16 @@ def test_streaming_tell_equals_the_matrix_tell_bit_for_bit(noise):
         assert pair.tobytes() == candidates[2 * i : 2 * i + 2].tobytes()
 
 
+def test_table_tell_block_by_block_equals_the_matrix_tell_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(nes, "_TABLE_BLOCK", 96)  # several blocks, the last one short
+    cfg = _cfg("table")
+    state = _state(cfg)
+    fitness = _fitness(cfg.population_size)
+    want, _ = nes.tell(cfg, state, nes.ask(cfg, state, seed=5)[0], fitness)
+    got, _ = nes.tell_seeded(cfg, state, 5, fitness)
+    assert got.mean.tobytes() == want.mean.tobytes() and got.v.tobytes() == want.v.tobytes()
+
+
 def test_default_mode_keeps_todays_noise_stream():
     cfg = _cfg()
     assert cfg.noise == "sequential" and Config().nes.noise == "sequential"

@@ -13,7 +13,7 @@ argument, and passing a fitness there (or a loss here) silently trains towards t
 
 Reproducibility. The noise of a generation is a pure function of ``(seed, generation)`` and the noise mode
 (:attr:`NESConfig.noise`), so the same candidates come back on any machine with the same NumPy version, in any
-process, and after a resume from a checkpoint; workers never need a noise table. ``tell`` reduces over the
+process, and after a resume from a checkpoint; workers rebuild their own candidates. ``tell`` reduces over the
 population with a fixed-order float64 loop rather than a BLAS matrix product, so the new mean does not depend on
 the BLAS build or thread count.
 
@@ -26,17 +26,18 @@ Noise modes and memory (issue 14). Pair i's noise ε_i (float32 [D]) is
   O(i·D) time to reach (:func:`pair_noise`), so a worker rebuilding its own pair pays up to a whole
   generation's noise. Pick it for small populations and to reproduce existing runs (``docs/demo/psi``).
 - ``"per_pair"``: ``np.random.default_rng([seed, generation, i]).standard_normal(D, dtype=np.float32)``, one
-  stream per pair: O(D) time and memory for any pair, anywhere. Pick it for large populations or large ψ
-  (hundreds of workers, D in the millions); it is a different stream, so it does not reproduce runs made
-  with ``"sequential"``. Costs no table memory, and its noise rows are independent; but drawing a row (~10 ns
-  per float) dominates the driver's ``tell`` at D in the millions.
+  stream per pair: O(D) time and memory for any pair, anywhere, independent rows, no table. Pick it for large
+  populations with a ψ of up to ~10^5 floats, or where a worker cannot spare the table's 128 MiB. Drawing a row
+  (~10 ns a float) dominates the driver's ``tell`` at D in the millions (18 s per generation at population
+  1024, D = 2.3M). A different stream: it does not reproduce runs made with ``"sequential"``.
 - ``"table"``: the shared noise table of Salimans et al. (2017, §2.1): ``T = max(2**25, 8·D)`` float32 normals
   drawn once per process from ``default_rng([seed, 2**32 − 1])`` (:func:`noise_table`, 128 MiB up to D ≈ 4.2M,
   cached), and ε_i = ``table[o_i : o_i + D]`` at the offset ``o_i = default_rng([seed, generation,
   i]).integers(0, T − D + 1)``. O(D) time per pair with no RNG work beyond the offset, so ``tell`` costs only the
-  float64 accumulation (~5x faster than ``"per_pair"`` at D = 2.3M); rows of one generation overlap (slices of
-  the same table), as in Salimans et al. Pick it when the driver's ``tell`` is the bottleneck (population 1024
-  at D = 2.3M: ``benchmarks/driver_scale.py``); it costs the table's memory on the driver and in every worker.
+  float64 accumulation, done block by block over D (1.2 s instead of 18 s per generation at population 1024,
+  D = 2.3M, one core: ``benchmarks/driver_scale.py``). Rows of one generation overlap (slices of one table), as
+  in Salimans et al. Pick it for a ψ in the millions with hundreds of workers, where the driver's ``tell`` is
+  the bottleneck; it costs the table's memory once on the driver and in every worker process.
 
 Only :func:`ask` (kept for small problems and tests) materialises a population × D matrix; the driver uses
 :func:`pair_noise` / :func:`perturb` on the workers and :func:`tell_seeded` on the driver, O(D) memory each.
