@@ -155,7 +155,7 @@ dashboard="http://$L3RS_RAY_HOST:$L3RS_DASHBOARD_PORT"
 env_file="$L3RS_CLUSTER_DIR/env.sh"
 {
   echo "# source me: settings for clients of the Ray cluster started by cluster/start_local.sh"
-  echo "# (RAY_ADDRESS points every Ray client of this shell at it, and overrides --address in Ray's job SDK.)"
+  echo "# (RAY_ADDRESS points Ray clients of this shell at it; an explicit l3rs --address wins over it.)"
   echo "export RAY_ADDRESS=$L3RS_RAY_HOST:$L3RS_RAY_PORT"
   echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE"
   if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 from typing import Any
 
 import jax
@@ -26,11 +27,25 @@ from flax import serialization
 from l3rs import storage
 from l3rs.optim import Direction, family_from_dict, layer_paths
 
-__all__ = ["FORMAT", "save_artifact", "load_psi", "load", "verify_artifact"]
+__all__ = [
+    "FORMAT",
+    "ARTIFACT_FILES",
+    "ArtifactExistsError",
+    "copy_artifact",
+    "save_artifact",
+    "load_psi",
+    "load",
+    "verify_artifact",
+]
 
 FORMAT = "l3rs-psi/1"
 PSI_FILE = "psi.msgpack"
 META_FILE = "metadata.json"
+ARTIFACT_FILES = (PSI_FILE, META_FILE)  # everything an artifact folder holds
+
+
+class ArtifactExistsError(FileExistsError):
+    """The destination of :func:`copy_artifact` holds other files and ``force`` was not given."""
 
 
 def save_artifact(uri: str, psi: Any, config: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -109,9 +124,15 @@ def load(
 
     Args:
       uri: the artifact folder (``<storage>/<run>/psi`` or what ``l3rs fetch`` wrote).
-      total_steps: K, your planned number of steps (the artifact's ``k_range`` says what it was meta-trained on).
+      total_steps: K, your planned number of steps, an integer >= 1 (0, negatives and non-integers raise
+        ValueError); the artifact's ``k_range`` says what it was meta-trained on.
       params: optional; if given, refuse now (not at the first update) a model whose layers ψ does not know.
     """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int | np.integer) or total_steps < 1:
+        raise ValueError(
+            f"l3rs.load: total_steps must be a positive integer (K, the number of steps you plan to take), "
+            f"got {total_steps!r}."
+        )
     psi, config, meta = load_psi(uri, directions=directions)
     if params is not None and getattr(psi, "layer_paths", None) is not None:
         known = set(psi.layer_paths)
@@ -123,3 +144,53 @@ def load(
                 f"The artifact knows {len(known)} layers such as {list(psi.layer_paths[:3])}."
             )
     return config.build(psi, total_steps)
+
+
+def copy_artifact(src: str, dst: str, *, force: bool = False) -> dict[str, Any]:
+    """Copies the verified artifact at ``src`` to the folder ``dst``; returns its metadata.
+
+    Never overwrites a user's files:
+
+    - ``dst`` missing or empty: the artifact is written into a temporary sibling folder, verified there, and renamed
+      to ``dst`` in one step (local paths), so ``dst`` either does not exist or holds the whole verified artifact.
+    - ``dst`` holds anything else: :class:`ArtifactExistsError`, and nothing is written; with ``force=True`` only
+      the artifact's own files (:data:`ARTIFACT_FILES`) are replaced, each atomically (``metadata.json`` last, after
+      the new ``psi.msgpack`` verified against it in the temporary folder); other files in ``dst`` are left alone.
+
+    Object-store destinations get the same refusal; their files are written one PUT each.
+    """
+    import shutil
+    import tempfile
+
+    verify_artifact(src)
+    existing = storage.listdir(dst)
+    if existing and not force:
+        shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+        raise ArtifactExistsError(
+            f"{dst!r} is not empty (it holds {shown}); choose a new or empty folder, or pass --force to replace "
+            f"only the artifact's files ({', '.join(ARTIFACT_FILES)}) there."
+        )
+    if not storage.is_local(dst):
+        for name in ARTIFACT_FILES:
+            storage.write_bytes_atomic(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+        return verify_artifact(dst)
+    path = os.path.abspath(os.path.expanduser(dst[len("file://") :] if dst.startswith("file://") else dst))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ArtifactExistsError(f"{dst!r} is a file, not a folder; choose another destination.")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.fetch-", dir=parent)
+    try:
+        for name in ARTIFACT_FILES:
+            storage.write_bytes_atomic(os.path.join(tmp, name), storage.read_bytes(storage.join(src, name)))
+        meta = verify_artifact(tmp)
+        os.chmod(tmp, 0o755)
+        if not existing:
+            os.replace(tmp, path)  # POSIX: atomically replaces a missing or empty folder
+        else:
+            for name in ARTIFACT_FILES:  # metadata.json last: its checksum describes the new psi.msgpack
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta

@@ -1,6 +1,14 @@
 """The ``l3rs`` command line.
 
 pretrain, train (the Ray job entrypoint), evaluate, demo, and for clusters submit / status / logs / stop / fetch.
+
+Exit codes: 0 success; 1 the job or run failed; 2 bad input (config, arguments, a pre-flight check, an unknown job
+or run); 3 the cluster cannot be reached; 130 / 143 ``train`` stopped by SIGINT (Ctrl-C) / SIGTERM (``l3rs stop``),
+resumable by rerunning the same command. Errors are one line on stderr; ``--verbose`` adds the traceback.
+
+``--address``: for ``train`` the Ray cluster (GCS) address, ``HOST:6379`` (default: ``RAY_ADDRESS``, else a new
+local cluster); for ``submit / status / logs / stop / fetch`` the dashboard URL, ``http://HEAD:8265`` (default:
+``L3RS_DASHBOARD``, then ``RAY_API_SERVER_ADDRESS``). The flag always wins over the environment.
 """
 
 from __future__ import annotations
@@ -9,11 +17,36 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tomllib
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_SIGINT", "EXIT_SIGTERM", "EXIT_UNREACHABLE", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job or run failed
+EXIT_BAD_INPUT = 2  # config, arguments, pre-flight checks, unknown job or run
+EXIT_UNREACHABLE = 3  # no cluster / dashboard answers at the address
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: train stopped by Ctrl-C; rerun to resume
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: train stopped by SIGTERM (also `l3rs stop`); rerun to resume
+CONNECT_TIMEOUT_S = 5.0
+
+
+class CLIError(Exception):
+    """A failure the user can act on: printed as one line, the process exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread by SIGINT / SIGTERM while ``l3rs train`` runs (a BaseException, like Ctrl-C's)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -24,7 +57,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SystemExit(f"--set: expected section.key=value, got {item!r}")
+            raise CLIError(f"--set: expected section.key=value, got {item!r}")
         path, raw = item.split("=", 1)
         section, key = path.split(".", 1)
         try:
@@ -42,12 +75,12 @@ def _load(args) -> Any:
     raw: dict[str, Any] = {}
     if args.config:
         if not os.path.isfile(args.config):
-            raise SystemExit(f"config: no such file {args.config!r}")
+            raise CLIError(f"config: no such file {args.config!r}")
         with open(args.config, "rb") as f:
             try:
                 raw = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
-                raise SystemExit(f"config: {args.config} is not valid TOML: {e}") from None
+                raise CLIError(f"config: {args.config} is not valid TOML: {e}") from None
     for section, values in _parse_overrides(getattr(args, "set", None)).items():
         raw.setdefault(section, {}).update(values)
     if getattr(args, "run_name", None):
@@ -55,17 +88,91 @@ def _load(args) -> Any:
     return config_from_dict(raw)
 
 
+def _check_port(address: str) -> None:
+    """Fails within seconds (exit 3) when nothing listens at a ``HOST:PORT`` Ray address, instead of Ray's long
+    retries."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise CLIError(f"--address: expected the cluster's HOST:PORT (e.g. 127.0.0.1:6379), got {address!r}.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise CLIError(
+            f"cannot reach a Ray cluster at {address} ({e}): start it (cluster/start_local.sh) or pass its GCS "
+            "address with --address HOST:6379.",
+            EXIT_UNREACHABLE,
+        ) from None
+
+
 def _connect(address: str | None, cfg=None, dashboard: bool = False) -> None:
+    """Joins the cluster at ``address`` (the flag wins), else ``RAY_ADDRESS``, else starts a local one."""
     from l3rs.service.raycluster import connect, init_local
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        connect(address)
+        if address.startswith(("http://", "https://")):
+            raise CLIError(
+                f"--address: {address!r} is a dashboard URL; `l3rs train` joins the cluster itself: give its GCS "
+                "address HOST:6379 (the dashboard URL is for `l3rs submit`)."
+            )
+        _check_port(address)
+        try:
+            connect(address)
+        except (ConnectionError, TimeoutError) as e:
+            raise CLIError(f"cannot join the Ray cluster at {address}: {e}", EXIT_UNREACHABLE) from None
     else:
         cpus = None
         if cfg is not None:
             cpus = max(int(cfg.workers.max_workers * cfg.workers.resources.get("CPU", 1)), 1)
         init_local(num_cpus=cpus, include_dashboard=dashboard)
+
+
+def _dashboard(args) -> str:
+    from l3rs.service.jobclient import dashboard_address
+
+    try:
+        return dashboard_address(getattr(args, "address", None))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _job(args, address: str) -> tuple[Any, Any]:
+    """(client, job info) of ``args.job`` at the dashboard ``address``."""
+    from l3rs.service.jobclient import job_client, job_info
+
+    client = job_client(address)
+    return client, job_info(client, args.job, address)
+
+
+def _failure_summary(message: str | None) -> str:
+    """One line from a failed job's message: Ray's first sentence and the last line of the logs it quotes."""
+    lines = [line.strip() for line in (message or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return "no message"
+    head = lines[0].split(", last available logs")[0]
+    return head if len(lines) == 1 else f"{head}: {lines[-1]}"
+
+
+def _stop_on_signals() -> dict[str, int | None]:
+    """SIGINT and SIGTERM raise :class:`_Stopped` in the main thread once; later ones are ignored while it cleans up.
+
+    Installed after ``ray.init``, which replaces Python's SIGTERM handling with a C++ crash handler that prints a
+    crash dump (``*** SIGTERM received ... PC: @ 0x...``) before exiting: ``signal.signal`` takes SIGTERM back.
+    """
+    state: dict[str, int | None] = {"signum": None}
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["signum"] is None:
+            state["signum"] = signum
+            raise _Stopped(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,9 +181,11 @@ def _connect(address: str | None, cfg=None, dashboard: bool = False) -> None:
 def cmd_pretrain(args) -> int:
     from l3rs.api import pretrain
     from l3rs.service.driver import resolve_paths
+    from l3rs.service.preflight import check_location
 
     cfg = resolve_paths(_load(args))
     p = cfg.pretrain
+    check_location(p.output, "pretrain.output")  # before the work, not after it
     result = pretrain(cfg)
     print(json.dumps({k: result.meta[k] for k in ("model", "dataset", "test_accuracy", "steps", "seconds")}))
     print(f"checkpoint: {p.output}")
@@ -84,9 +193,28 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from l3rs.api import train
+    # What l3rs.api.train does, with the CLI's address checks and signal handling around the driver.
+    from l3rs.service.driver import Driver
 
-    result = train(_load(args), address=args.address, dashboard=args.dashboard)
+    cfg = _load(args)
+    driver = Driver(cfg)  # validates paths before Ray starts
+    if driver.cfg.model.checkpoint != "random":  # θ0 exists, is readable and fits the model: before Ray starts
+        from l3rs.service.preflight import check_checkpoint
+
+        check_checkpoint(driver.cfg)
+    _connect(args.address, cfg, dashboard=args.dashboard)
+    _stop_on_signals()
+    try:
+        result = driver.run()
+    except _Stopped as stopped:
+        c = driver.checkpoint_generation
+        where = (
+            f"the last checkpoint is generation {c}; rerun the same command to resume"
+            if c
+            else "there is no checkpoint yet; rerun the same command to start again"
+        )
+        print(f"stopped at generation {driver.generation}; {where}", file=sys.stderr, flush=True)
+        return EXIT_SIGINT if stopped.signum == signal.SIGINT else EXIT_SIGTERM
     print(
         json.dumps(
             {
@@ -100,75 +228,88 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _preflight_submit(cfg, address: str, local_head: bool) -> None:
+    """What the client can check before it submits (the driver checks everything again on the cluster)."""
+    from l3rs import storage
+    from l3rs.service import preflight
+    from l3rs.service.driver import run_dir_for
+    from l3rs.service.jobclient import cluster_nodes
+
+    if local_head:  # the head sees our files: every check
+        preflight.check_run(cfg, run_dir_for(cfg))
+    else:  # a remote head: only what lives in shared object stores; local paths are the head's
+        if not storage.is_local(cfg.run.storage):
+            preflight.check_location(cfg.run.storage, "run.storage")
+            preflight.check_resume(cfg, run_dir_for(cfg))
+        if cfg.model.checkpoint != "random" and not storage.is_local(cfg.model.checkpoint):
+            preflight.check_checkpoint(cfg)
+    nodes, autoscaling = cluster_nodes(address)
+    if nodes:
+        preflight.check_resources(dict(cfg.workers.resources), nodes, autoscaling=autoscaling)
+
+
 def cmd_submit(args) -> int:
-    from ray.job_submission import JobSubmissionClient
-
-    from l3rs.service.driver import resolve_paths
-
-    cfg = _load(args)
-    sets = list(args.set or [])
-    # A head on this machine (not one reached through a tunnel: --remote-paths) shares this filesystem.
-    local_head = any(h in args.address for h in ("127.0.0.1", "localhost")) and not args.remote_paths
-    if local_head:
-        # A local head shares this filesystem: make relative paths absolute so the job (which runs in an unpacked
-        # copy of the working dir) writes where the user will look.
-        resolved = resolve_paths(cfg)
-        sets += [
-            f"run.storage={json.dumps(resolved.run.storage)}",
-            f"model.checkpoint={json.dumps(resolved.model.checkpoint)}",
-        ]
-    config_rel = os.path.relpath(os.path.abspath(args.config), os.getcwd())
-    if config_rel.startswith(".."):
-        raise SystemExit("submit: the config must be inside the current directory (it is uploaded as working_dir).")
-    if cfg.model.module_path and os.path.relpath(os.path.abspath(cfg.model.module_path), os.getcwd()).startswith(".."):
-        # The job and its workers import the user's model from the uploaded working_dir (their cwd).
-        raise SystemExit("submit: model.module_path must be inside the current directory (uploaded as working_dir).")
-    entry = ["python", "-m", "l3rs.cli", "train", "--config", config_rel] + sum((["--set", s] for s in sets), [])
-    if args.run_name:
-        entry += ["--run-name", args.run_name]
     import shlex
 
+    from l3rs.service.driver import resolve_paths
+    from l3rs.service.jobclient import head_shares_filesystem, job_client, probe_dashboard
+
+    cfg = _load(args)
+    config_rel = os.path.relpath(os.path.abspath(args.config), os.getcwd())
+    if config_rel.startswith(".."):
+        raise CLIError("the config must be inside the current directory (it is uploaded as working_dir).")
+    if cfg.model.module_path and os.path.relpath(os.path.abspath(cfg.model.module_path), os.getcwd()).startswith(".."):
+        # The job and its workers import the user's model from the uploaded working_dir (their cwd).
+        raise CLIError("model.module_path must be inside the current directory (uploaded as working_dir).")
+    address = _dashboard(args)
+    info = probe_dashboard(address)
+    # The head sees this machine's files only if it runs here: decided by its session folder, not by 127.0.0.1
+    # (tunnels to remote heads are 127.0.0.1 too). --remote-paths forces "remote".
+    local_head = head_shares_filesystem(info) and not args.remote_paths
+    sets = list(args.set or [])
+    if local_head:
+        # Make relative paths absolute so the job (which runs in an unpacked copy of the working dir) writes where
+        # the user will look.
+        cfg = resolve_paths(cfg)
+        sets += [f"run.storage={json.dumps(cfg.run.storage)}", f"model.checkpoint={json.dumps(cfg.model.checkpoint)}"]
+    _preflight_submit(cfg, address, local_head)
+    # A head on this machine runs the job with this interpreter (its PATH may lack the venv: `python: not found`).
+    python = sys.executable if local_head else "python"
+    entry = [python, "-m", "l3rs.cli", "train", "--config", config_rel] + sum((["--set", s] for s in sets), [])
+    if args.run_name:
+        entry += ["--run-name", args.run_name]
     runtime_env: dict[str, Any] = {
         "working_dir": ".",
         "excludes": ["runs/", ".git/", "venv/", ".venv/", "*.msgpack", "__pycache__/", "reports/"],
     }
     if args.pip:
         runtime_env["pip"] = args.pip
-    client = JobSubmissionClient(args.address)
+    client = job_client(address)
     job_id = client.submit_job(
         entrypoint=shlex.join(entry),
         runtime_env=runtime_env,
-        metadata={
-            "l3rs_run": cfg.run.name,
-            "l3rs_storage": cfg.run.storage if not local_head else resolve_paths(cfg).run.storage,
-        },
+        metadata={"l3rs_run": cfg.run.name, "l3rs_storage": cfg.run.storage},
     )
     print(f"job: {job_id}")
-    print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}")
-    print(
-        f"logs: l3rs logs {job_id} --address {args.address}   "
-        f"fetch: l3rs fetch {job_id} --to DIR --address {args.address}"
-    )
+    print(f"dashboard: {address}/#/jobs/{job_id}")
+    print(f"logs: l3rs logs {job_id} --address {address}   fetch: l3rs fetch {job_id} --to DIR --address {address}")
     return 0
 
 
 def cmd_status(args) -> int:
-    from ray.job_submission import JobSubmissionClient
-
-    info = JobSubmissionClient(args.address).get_job_info(args.job)
+    _, info = _job(args, _dashboard(args))
+    status = str(getattr(info.status, "value", info.status))
     print(
         json.dumps(
-            {"job": args.job, "status": str(info.status), "message": info.message, "metadata": info.metadata},
+            {"job": args.job, "status": status, "message": info.message, "metadata": info.metadata},
             default=str,
         )
     )
-    return 0
+    return EXIT_FAILED if status == "FAILED" else EXIT_OK
 
 
 def cmd_logs(args) -> int:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(args.address)
+    client, _ = _job(args, _dashboard(args))
     if args.follow:
         import asyncio
 
@@ -183,32 +324,58 @@ def cmd_logs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from ray.job_submission import JobSubmissionClient
-
-    stopped = JobSubmissionClient(args.address).stop_job(args.job)
-    print(f"stop requested: {stopped}")
+    client, info = _job(args, _dashboard(args))
+    status = str(getattr(info.status, "value", info.status))
+    if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        print(f"job {args.job} already ended: {status}")
+        return 0
+    client.stop_job(args.job)
+    print(
+        f"stop requested for job {args.job}: its driver stops within seconds and keeps its checkpoints; "
+        "submit the same config again to resume."
+    )
     return 0
 
 
 def cmd_fetch(args) -> int:
     from l3rs import storage
-    from l3rs.artifact import verify_artifact
+    from l3rs.artifact import ArtifactExistsError, copy_artifact
 
     run = args.run
     storage_uri = args.storage
+    job_status = None
     if run.startswith("raysubmit_") or args.address:
-        if not args.address:
-            raise SystemExit("fetch: a job id needs --address http://HEAD:8265")
-        from ray.job_submission import JobSubmissionClient
-
-        meta = JobSubmissionClient(args.address).get_job_info(run).metadata or {}
+        address = _dashboard(args)
+        args.job = run
+        _, info = _job(args, address)
+        meta = info.metadata or {}
         if "l3rs_run" not in meta:
-            raise SystemExit(f"fetch: job {run} was not submitted by `l3rs submit` (no l3rs_run metadata).")
+            raise CLIError(f"job {run} was not submitted by `l3rs submit` (no l3rs_run metadata).")
+        job_status = str(getattr(info.status, "value", info.status))
+        if job_status == "FAILED":
+            raise CLIError(
+                f"job {run} FAILED ({_failure_summary(info.message)}); nothing fetched. See `l3rs logs {run}`.",
+                EXIT_FAILED,
+            )
         run, storage_uri = meta["l3rs_run"], storage_uri or meta["l3rs_storage"]
-    src = storage.join(storage_uri or "runs", run, "psi")
-    verify_artifact(src)
-    storage.copy_tree(src, args.to)
-    meta = verify_artifact(args.to)
+    storage_uri = storage_uri or "runs"
+    run_dir = storage.join(storage_uri, run)
+    src = storage.join(run_dir, "psi")
+    if not storage.exists(storage.join(src, "metadata.json")):
+        if not storage.exists(run_dir):
+            runs = [r for r in storage.listdir(storage_uri) if not r.startswith(".")]
+            shown = ", ".join(runs[:8]) + (" ..." if len(runs) > 8 else "") if runs else "none"
+            raise CLIError(f"no run {run!r} in {storage_uri!r} (runs there: {shown}); use --storage.")
+        when = f"job is {job_status}; " if job_status else ""
+        raise CLIError(f"run {run!r} has no ψ artifact yet ({when}it writes one at every checkpoint).", EXIT_FAILED)
+    if job_status in ("PENDING", "RUNNING", "STOPPED"):
+        print(f"note: job is {job_status}: this is ψ as of its last checkpoint", file=sys.stderr)
+    try:
+        meta = copy_artifact(src, args.to, force=args.force)
+    except ArtifactExistsError as e:
+        raise CLIError(f"{e}") from None
+    except ValueError as e:  # corrupt or unreadable artifact
+        raise CLIError(f"{e}", EXIT_FAILED) from None
     print(
         json.dumps(
             {
@@ -236,10 +403,26 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+DASHBOARD_HELP = (
+    "the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (HOST:PORT means http://HOST:PORT); default: "
+    "L3RS_DASHBOARD, then RAY_API_SERVER_ADDRESS. The flag wins over the environment (RAY_ADDRESS is not used)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l3rs", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="l3rs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_sub(*a: Any, **kw: Any) -> argparse.ArgumentParser:  # --verbose also after the command
+        p = add_parser(*a, **kw)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    sub.add_parser = add_sub  # type: ignore[method-assign]
 
     def with_config(p: argparse.ArgumentParser, required: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--config", required=required, help="TOML run config (default: the embedded default)")
@@ -251,7 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = with_config(sub.add_parser("train", help="meta-train ψ with NES on Ray (the job entrypoint)"))
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local loopback cluster)")
+    p.add_argument(
+        "--address",
+        help="the Ray cluster's GCS address HOST:6379 (or ray://HOST:10001); default: RAY_ADDRESS, else a new "
+        "local loopback cluster. The flag wins over RAY_ADDRESS.",
+    )
     p.add_argument("--dashboard", action="store_true", help="start the dashboard with the local cluster")
     p.set_defaults(func=cmd_train)
 
@@ -273,12 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = with_config(sub.add_parser("submit", help="submit `l3rs train` as a Ray job"), required=True)
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--address", help=DASHBOARD_HELP)
     p.add_argument("--pip", action="append", help="extra pip requirements for the job's runtime_env")
     p.add_argument(
         "--remote-paths",
         action="store_true",
-        help="keep relative paths relative (a remote head reached through a tunnel such as kubectl port-forward)",
+        help="keep relative paths relative (they are the head's). Normally detected: a head is local when its Ray "
+        "session folder is on this machine, whatever its address (tunnels to remote heads are 127.0.0.1 too)",
     )
     p.set_defaults(func=cmd_submit)
 
@@ -288,33 +476,68 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", cmd_stop, "stop a job"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("job")
-        p.add_argument("--address", required=True)
+        p.add_argument("job", help="the job id `l3rs submit` printed (raysubmit_...)")
+        p.add_argument("--address", help=DASHBOARD_HELP)
         if name == "logs":
             p.add_argument("-f", "--follow", action="store_true")
         p.set_defaults(func=func)
 
     p = sub.add_parser("fetch", help="copy a run's ψ artifact out and verify its checksum")
     p.add_argument("run", help="run name, or a job id (with --address)")
-    p.add_argument("--to", required=True, help="destination folder (path or URI)")
+    p.add_argument("--to", required=True, help="destination folder (path or URI): new or empty, unless --force")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="the destination holds other files: replace only the artifact's (psi.msgpack, metadata.json) there",
+    )
     p.add_argument("--storage", help="the run's storage (default: runs)")
-    p.add_argument("--address", help="Ray dashboard address (to resolve a job id)")
+    p.add_argument("--address", help=DASHBOARD_HELP + " To resolve a job id.")
     p.set_defaults(func=cmd_fetch)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from l3rs.config import ConfigError
+    """Runs one command; returns its exit code (see the module docstring). Never raises, except SystemExit."""
+    from l3rs.service.jobclient import adopt_token_auth
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad arguments: argparse's usage line, exit 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    adopt_token_auth()  # a token file counts even without RAY_AUTH_MODE=token
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"l3rs: config error: {e}", file=sys.stderr)
-        return 2
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        code, message = _describe_failure(e, args.command)
+        if code is None:
+            raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"l3rs {args.command}: {message}", file=sys.stderr, flush=True)
+        return code
+
+
+def _describe_failure(e: BaseException, command: str) -> tuple[int | None, str]:
+    """(exit code, one-line message) of a failure; (None, "") for SystemExit, which passes through."""
+    from l3rs.config import ConfigError
+    from l3rs.service.jobclient import ClusterUnreachable, JobNotFound
+
+    if isinstance(e, SystemExit):
+        return None, ""
+    if isinstance(e, CLIError):
+        return e.code, str(e)
+    if isinstance(e, ConfigError):  # pre-flight checks too
+        return EXIT_BAD_INPUT, f"config error: {e}"
+    if isinstance(e, JobNotFound):
+        return EXIT_BAD_INPUT, str(e)
+    if isinstance(e, ClusterUnreachable):
+        return EXIT_UNREACHABLE, str(e)
+    if isinstance(e, KeyboardInterrupt | _Stopped):
+        return EXIT_SIGINT, "interrupted"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return EXIT_FAILED, f"failed: {type(e).__name__}: {first} (--verbose shows the traceback)"
 
 
 if __name__ == "__main__":

@@ -276,6 +276,7 @@ class WorkersSection:
     candidates_per_call: int = 1
     unit_timeout_s: float = 600.0
     max_unit_retries: int = 5
+    placement_timeout_s: float = 300.0  # how long the pool waits with no worker placed before the run fails
 
     def validate(self) -> None:
         _positive("workers.min_workers", self.min_workers)
@@ -293,6 +294,7 @@ class WorkersSection:
             )
         _positive("workers.unit_timeout_s", self.unit_timeout_s)
         _positive("workers.max_unit_retries", self.max_unit_retries)
+        _positive("workers.placement_timeout_s", self.placement_timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -438,7 +438,7 @@ def test_the_command_check_catches_mistakes():
     found = dict(_documented_commands("x `l3rs submit --adress http://h:8265`\n  l3rs trian --config c.toml\n"))
     assert _check_command("span", found["span"], subcommands) == "unknown option(s) ['--adress']"
     assert _check_command("line", found["line"], subcommands) == "no such command (l3rs --help)"
-    assert _check_command("line", ["logs", "JOB"], subcommands) == "does not parse"  # --address is required
+    assert _check_command("line", ["logs"], subcommands) == "does not parse"  # the job id is required
     assert _check_command("span", ["logs"], subcommands) is None  # a mention of the command
 
 

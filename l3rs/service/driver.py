@@ -29,7 +29,7 @@ import numpy as np
 
 from l3rs import storage
 from l3rs.checkpoint import load_latest_checkpoint, save_checkpoint
-from l3rs.config import Config, ConfigError
+from l3rs.config import Config
 from l3rs.meta import nes
 from l3rs.meta.runner import initial_meta, task_distribution
 from l3rs.meta.tasks import task_header, task_seed
@@ -37,12 +37,6 @@ from l3rs.meta.tasks import task_header, task_seed
 __all__ = ["Driver", "TrainResult", "make_units", "resolve_paths", "run_dir_for"]
 
 log = logging.getLogger("l3rs.driver")
-
-# Sections whose change alters the math of a run: resuming with a different value is refused.
-_RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes")
-# ... except these: where the run folder lives, how often it checkpoints, and how long it runs (extending a run).
-_RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations"),
-                      ("model", "module_path")}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,39 +106,28 @@ class Driver:
         self.progress = progress
         self.nes_cfg = self.cfg.nes.nes_config()
         self.dist = task_distribution(self.cfg)
+        # Progress, for the line a stopped run prints (l3rs.cli): generations completed, and those in the newest
+        # checkpoint (None: no checkpoint yet; a rerun starts from the beginning).
+        self.generation = 0
+        self.checkpoint_generation: int | None = None
 
     # ------------------------------------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        """Refuses bad storage or an incompatible resume before any work starts; records the config."""
-        try:
-            storage.check_writable(self.cfg.run.storage)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"run.storage: {self.cfg.run.storage!r} is not writable: {e}") from None
-        if self.cfg.model.checkpoint != "random":
-            from l3rs.meta.runner import load_theta0
+    def _prepare_run_dir(self, check_cluster: bool = False) -> None:
+        """Refuses bad storage, a missing θ0, an incompatible resume or (``check_cluster``, when Ray is connected) a
+        worker shape no node can ever hold, before anything is written; then records the config."""
+        from l3rs.service import preflight
 
-            try:  # exists, is a θ0 format we read, and fits the model's shapes
-                load_theta0(self.cfg)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        preflight.check_run(self.cfg, self.run_dir)
+        import ray
+
+        if check_cluster and ray.is_initialized():  # on the cluster: fail now, not after workers.placement_timeout_s
+            nodes, node_types, autoscaling = preflight.cluster_capacity()
+            preflight.check_resources(
+                dict(self.cfg.workers.resources), nodes, node_types=node_types, autoscaling=autoscaling
+            )
+        storage.makedirs(self.run_dir)
         config_uri = storage.join(self.run_dir, "config.json")
         current = json.loads(json.dumps(self.cfg.to_dict()))  # as saved: tuples become lists
-        if storage.exists(config_uri):
-            saved = json.loads(storage.read_bytes(config_uri))
-            defaults = json.loads(json.dumps(Config().to_dict()))
-            for section in _RESUME_SECTIONS + ("run",):
-                for key, value in current[section].items():
-                    if (section, key) in _RESUME_MAY_CHANGE:
-                        continue
-                    if key not in saved.get(section, {}) and value == defaults[section].get(key):
-                        continue  # a field newer than the saved run, at its default
-                    if saved.get(section, {}).get(key) != value:
-                        raise ConfigError(
-                            f"{section}.{key}: run {self.cfg.run.name!r} already exists in {self.run_dir} with "
-                            f"{section}.{key} = {saved.get(section, {}).get(key)!r}; resuming with {value!r} would "
-                            "mix two experiments. Use a new run.name."
-                        )
-        storage.makedirs(self.run_dir)
         storage.write_bytes_atomic(config_uri, json.dumps(current, indent=2).encode())
 
     def _load_or_init(self, mean0: np.ndarray) -> tuple[nes.NESState, list[dict[str, Any]]]:
@@ -222,6 +205,7 @@ class Driver:
             max_workers=w.max_workers,
             unit_timeout_s=w.unit_timeout_s,
             max_unit_retries=w.max_unit_retries,
+            placement_timeout_s=w.placement_timeout_s,
             env_vars=worker_env(dict(w.resources)),
             name=f"{self.cfg.run.name}-workers",
             actor_name_prefix=f"l3rs:{self.cfg.run.name}:worker-",  # dashboard: Actors tells runs apart
@@ -236,13 +220,15 @@ class Driver:
         from l3rs.optim import meta_to_vector
         from l3rs.service.metrics import RunMetrics
 
-        self._prepare_run_dir()
+        own_pool = pool is None
+        self._prepare_run_dir(check_cluster=own_pool)
         template = initial_meta(self.cfg)
         state, history = self._load_or_init(np.asarray(meta_to_vector(template)))
+        self.generation = int(state.generation)
+        self.checkpoint_generation = int(state.generation) if state.generation else None
         total = self.cfg.nes.generations
         end = total if stop_after is None else min(total, state.generation + stop_after)
         metrics = RunMetrics(self.cfg.run.name, generation=state.generation)
-        own_pool = pool is None
         if own_pool:
             pool = self.make_pool()
         bar = None
@@ -272,6 +258,7 @@ class Driver:
                     fitness = -losses.mean(axis=1)
                 fitness = np.where(np.isfinite(fitness), fitness, np.nan)
                 state, info = nes.tell_seeded(self.nes_cfg, state, self.cfg.run.seed, fitness)  # O(D) memory
+                self.generation = int(state.generation)
                 seconds = time.perf_counter() - start
                 stats = pool.stats()
                 row = {
@@ -324,6 +311,7 @@ class Driver:
                 done = state.generation == total
                 if state.generation % self.cfg.run.checkpoint_every == 0 or done or state.generation == end:
                     self._save_checkpoint(state, history)
+                    self.checkpoint_generation = int(state.generation)
                     meta = self._write_outputs(state, history, template)
         finally:
             if bar is not None:

@@ -297,7 +297,8 @@ class ElasticPool:
                 if now - no_worker_since > self.placement_timeout_s:
                     raise PoolError(
                         f"pool {self.name!r}: no worker with {self.resources} could be placed for "
-                        f"{self.placement_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+                        f"{self.placement_timeout_s:.0f} s (workers.placement_timeout_s); cluster resources: "
+                        f"{ray.cluster_resources()}"
                     )
                 time.sleep(self.poll_s)
                 self._scale(force=True)
