@@ -234,6 +234,7 @@ class NESSection:
     decay_every: int = 500
     decay_factor: float = 0.5
     weight_decay: float = 0.0
+    noise: str = "sequential"  # l3rs.meta.nes.NOISE_MODES: "per_pair"/"table" for large populations/ψ (issue 14)
 
     def validate(self) -> None:
         if not isinstance(self.population_size, int) or self.population_size < 2 or self.population_size % 2:
@@ -249,6 +250,8 @@ class NESSection:
             raise ConfigError(f"nes.decay_factor: must lie in (0, 1], got {self.decay_factor}.")
         if self.weight_decay < 0:
             raise ConfigError(f"nes.weight_decay: must be >= 0, got {self.weight_decay}.")
+        if self.noise not in ("sequential", "per_pair", "table"):
+            raise ConfigError(f'nes.noise: must be "sequential", "per_pair" or "table", got {self.noise!r}.')
 
     def nes_config(self):
         """The pure NES strategy config (l3rs.meta.nes.NESConfig)."""
@@ -261,6 +264,7 @@ class NESSection:
             decay_every=self.decay_every,
             decay_factor=self.decay_factor,
             weight_decay=self.weight_decay,
+            noise=self.noise,
         )
 
 

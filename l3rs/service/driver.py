@@ -2,7 +2,9 @@
 
 It holds the NES state in numpy and, every generation:
 
-1. asks NES for antithetic candidates (noise is a pure function of (seed, generation));
+1. puts the NES mean in Ray's object store once; the candidates are never built here: a worker rebuilds its
+   antithetic pair from the mean and the pair's noise coordinates (noise is a pure function of (seed, generation,
+   pair), ``l3rs.meta.nes``), so the driver's memory is O(dim ψ) at any population;
 2. makes work units ``(generation, pair, task)``: both members of an antithetic pair on the same task (common random
    numbers), every pair on every task of the meta-batch; cost hint = the task's K, so units go longest first;
 3. runs them on the elastic worker pool; the generation completes only when every unit has a result, keyed by
@@ -32,7 +34,7 @@ from l3rs.meta import nes
 from l3rs.meta.runner import initial_meta, task_distribution
 from l3rs.meta.tasks import task_header, task_seed
 
-__all__ = ["Driver", "TrainResult", "resolve_paths", "run_dir_for"]
+__all__ = ["Driver", "TrainResult", "make_units", "resolve_paths", "run_dir_for"]
 
 log = logging.getLogger("l3rs.driver")
 
@@ -69,6 +71,25 @@ def resolve_paths(cfg: Config) -> Config:
 
 def run_dir_for(cfg: Config) -> str:
     return storage.join(cfg.run.storage, cfg.run.name)
+
+
+def make_units(
+    nes_cfg: nes.NESConfig, generation: int, seed: int, mean_ref: Any, task_seeds: list[int], costs: list[float]
+) -> list[Any]:
+    """One unit per (antithetic pair, task). A unit carries no ψ vector, only how to rebuild its pair
+    (:func:`l3rs.meta.nes.pair_candidates`): ``mean`` (the generation's mean, put in Ray's object store once per
+    generation by the driver: ``mean_ref``), ``sigma``, ``noise``, ``noise_seed``, ``generation``, ``pair``, and
+    the ``task_seed``. So dispatch costs O(1) bytes per unit whatever the size of ψ (issue 14)."""
+    from l3rs.service.pool import WorkUnit
+
+    sigma = nes.sigma_at(nes_cfg, generation)
+    units = []
+    for i in range(nes_cfg.num_pairs):
+        for j, (ts, cost) in enumerate(zip(task_seeds, costs, strict=True)):
+            payload = {"mean": mean_ref, "sigma": sigma, "noise": nes_cfg.noise, "noise_seed": seed,
+                       "generation": generation, "pair": i, "task_seed": ts}  # fmt: skip
+            units.append(WorkUnit(key=(generation, i, j), payload=payload, cost=float(cost)))
+    return units
 
 
 class Driver:
@@ -164,18 +185,11 @@ class Driver:
             },
         )
 
-    def _units(self, generation: int, candidates: np.ndarray) -> list[Any]:
-        from l3rs.service.pool import WorkUnit
-
+    def _units(self, generation: int, mean_ref: Any) -> list[Any]:
         b = self.cfg.nes.meta_batch_size
         seeds = [task_seed(self.cfg.run.seed, generation, j) for j in range(b)]
         costs = [task_header(s, self.dist)[1] for s in seeds]
-        units = []
-        for i in range(candidates.shape[0] // 2):
-            for j in range(b):
-                payload = {"candidates": candidates[2 * i : 2 * i + 2], "task_seed": seeds[j]}
-                units.append(WorkUnit(key=(generation, i, j), payload=payload, cost=float(costs[j])))
-        return units
+        return make_units(self.nes_cfg, generation, self.cfg.run.seed, mean_ref, seeds, costs)
 
     def make_pool(self) -> Any:
         """The elastic pool of :class:`~l3rs.service.worker.MetaWorker` actors this run's config asks for."""
@@ -227,10 +241,12 @@ class Driver:
             while state.generation < end:
                 gen = state.generation
                 start = time.perf_counter()
-                eps, candidates = nes.ask(self.nes_cfg, state, self.cfg.run.seed)
-                units = self._units(gen, candidates)
+                import ray
+
+                mean_ref = ray.put(state.mean)  # ψ shipped once per generation; units carry its ref and seeds
+                units = self._units(gen, mean_ref)
                 results = pool.run(units, method="run")
-                pop, b = candidates.shape[0], self.cfg.nes.meta_batch_size
+                pop, b = self.nes_cfg.population_size, self.cfg.nes.meta_batch_size
                 losses = np.full((pop, b), np.nan)
                 accs = np.full((pop, b), np.nan)
                 for (g, i, j), r in results.items():
@@ -241,7 +257,7 @@ class Driver:
                 with np.errstate(invalid="ignore"):
                     fitness = -losses.mean(axis=1)
                 fitness = np.where(np.isfinite(fitness), fitness, np.nan)
-                state, info = nes.tell(self.nes_cfg, state, eps, fitness)
+                state, info = nes.tell_seeded(self.nes_cfg, state, self.cfg.run.seed, fitness)  # O(D) memory
                 self.generation = int(state.generation)
                 seconds = time.perf_counter() - start
                 stats = pool.stats()

@@ -8,7 +8,24 @@ from typing import Any
 
 from l3rs.cpu import PIN_ENV, claim_from_env, is_shared, rebalance
 
-__all__ = ["MetaWorker", "worker_env"]
+__all__ = ["MetaWorker", "unit_candidates", "worker_env"]
+
+
+def unit_candidates(payload: dict[str, Any]) -> Any:
+    """The float32 [2, D] antithetic pair of a driver work unit (``l3rs.service.driver.make_units``): rebuilt from the
+    generation's mean (a Ray object ref, read zero-copy from the node's object store, or an array) and the pair's
+    noise coordinates; or ``payload["candidates"]`` when a caller ships them explicitly."""
+    if "candidates" in payload:
+        return payload["candidates"]
+    import ray
+
+    from l3rs.meta.nes import pair_candidates
+
+    mean = payload["mean"]
+    if isinstance(mean, ray.ObjectRef):
+        mean = ray.get(mean)
+    return pair_candidates(mean, payload["sigma"], payload["noise"], payload["noise_seed"], payload["generation"],
+                           payload["pair"])  # fmt: skip
 
 
 def worker_env(resources: dict[str, float]) -> dict[str, str]:
@@ -53,4 +70,4 @@ class MetaWorker:
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         rebalance()  # started on a shared core (all were taken)? move to one freed since: same numbers (l3rs.cpu)
-        return self.runner.evaluate(payload["candidates"], payload["task_seed"])
+        return self.runner.evaluate(unit_candidates(payload), payload["task_seed"])
