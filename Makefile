@@ -31,6 +31,7 @@ bench: setup
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/inner_loop.py
 	$(PY) benchmarks/service_scaling.py
+	$(PY) benchmarks/driver_scale.py
 
 clean:
 	rm -rf $(VENV) runs
