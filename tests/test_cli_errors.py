@@ -54,6 +54,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A real head with the dashboard: (dashboard URL, GCS address, environment of its clients)."""
+    from l3rs.service.jobclient import cluster_nodes
     from l3rs.service.raycluster import loopback_env
 
     tmp = tmp_path_factory.mktemp("head")
@@ -68,8 +69,17 @@ def head(tmp_path_factory):
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     subprocess.run(args, env=env, check=True, capture_output=True, timeout=180)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    # The head's autoscaler reports its (fixed) node types a few seconds after start; until then the client cannot
+    # tell that no node will ever come, and rightly leaves the resource check to the driver. Wait for the report.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        nodes, may_grow = cluster_nodes(url)
+        if nodes and not may_grow:
+            break
+        time.sleep(0.5)
     try:
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}", env
+        yield url, f"127.0.0.1:{ports['port']}", env
     finally:
         subprocess.run([str(REPO / "cluster" / "stop_local.sh")], env=env, capture_output=True, timeout=120)
 

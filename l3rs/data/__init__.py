@@ -187,7 +187,7 @@ def _load_split(
         _prepare_locked(builder)
         # A builder created before the data existed keeps its empty split list even once another process has
         # prepared the data (tfds reads dataset_info.json only when the builder is created): read it afresh.
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        builder = tfds.builder(spec.name, data_dir=data_dir, file_format="array_record")
     source = builder.as_data_source(split=split)
     records = source.__getitems__(list(range(len(source))))
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
