@@ -74,6 +74,16 @@ def relation(classes: Sequence[int], dataset: str | None, seen: Sequence[int] | 
     return "subset" if a <= b else "overlap"
 
 
+def _preset(dataset: str) -> Any:
+    """The preset :class:`l3rs.data.DatasetSpec` of ``dataset``, or None when this installation has no such preset."""
+    from l3rs.data import get_spec
+
+    try:
+        return get_spec(dataset)
+    except ValueError:
+        return None
+
+
 def _read_checkpoint_meta(uri: str) -> dict[str, Any] | None:
     from l3rs.meta.pretrain import META_FILE
 
@@ -88,7 +98,6 @@ def theta0_classes(checkpoint: str, name: str) -> dict[str, Any]:
 
     ``checkpoint`` is the folder/URI to read (``"random"``: no pretraining), ``name`` how the report names it.
     """
-    from l3rs.data import get_spec
 
     if checkpoint == "random":
         return {"checkpoint": "random", "dataset": None, "classes": [], "split": None,
@@ -99,11 +108,7 @@ def theta0_classes(checkpoint: str, name: str) -> dict[str, Any]:
     if dataset is None:
         out["source"] = "the checkpoint's meta.json does not name its dataset"
         return out
-    spec = None
-    try:
-        spec = get_spec(dataset)
-    except ValueError:
-        pass
+    spec = _preset(dataset)
     out["split"] = spec.train_split if spec is not None else None
     if meta.get("pretrain_classes") is not None:
         out["classes"] = sorted(int(c) for c in meta["pretrain_classes"])
@@ -120,7 +125,6 @@ def meta_train_classes(label: str, meta: dict[str, Any], *, name: str = "") -> d
     """ψ's meta-training data from an artifact's metadata: ``{"optimizer", "artifact", "dataset", "classes",
     "train_split", "eval_split", "num_ways", "source"}`` (``dataset`` None when the artifact does not record it,
     e.g. the published VeLO weights)."""
-    from l3rs.data import get_spec
 
     dataset = meta.get("dataset")
     out: dict[str, Any] = {"optimizer": label, "artifact": name, "dataset": dataset, "classes": None,
@@ -129,11 +133,7 @@ def meta_train_classes(label: str, meta: dict[str, Any], *, name: str = "") -> d
     if dataset is None:
         out["source"] = meta.get("source") or "the artifact's metadata does not name its meta-training dataset"
         return out
-    spec = None
-    try:
-        spec = get_spec(dataset)
-    except ValueError:
-        pass
+    spec = _preset(dataset)
     if spec is not None:
         out["train_split"], out["eval_split"] = spec.train_split, spec.valid_split
     recorded = meta.get("meta_train_classes")
