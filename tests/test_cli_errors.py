@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _local_head import free_port, local_head
 
 from l3rs.cli import main
 
@@ -45,43 +45,21 @@ k_grid = [5, 10]
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A real head with the dashboard: (dashboard URL, GCS address, environment of its clients)."""
     from l3rs.service.jobclient import cluster_nodes
-    from l3rs.service.raycluster import loopback_env
 
-    tmp = tmp_path_factory.mktemp("head")
-    env = loopback_env()
-    env.pop("RAY_ADDRESS", None)
-    env["L3RS_CLUSTER_DIR"] = str(tmp / "cluster")
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_BIN"] = os.path.join(bin_dir, "ray")
-    ports = {name: free_port() for name in ("port", "dashboard-port", "metrics-port", "client-port")}
-    args = [str(REPO / "cluster" / "start_local.sh"), "--num-cpus", "1"]
-    for name, port in ports.items():
-        args += [f"--{name}", str(port)]
-    subprocess.run(args, env=env, check=True, capture_output=True, timeout=180)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    # The head's autoscaler reports its (fixed) node types a few seconds after start; until then the client cannot
-    # tell that no node will ever come, and rightly leaves the resource check to the driver. Wait for the report.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        nodes, may_grow = cluster_nodes(url)
-        if nodes and not may_grow:
-            break
-        time.sleep(0.5)
-    try:
-        yield url, f"127.0.0.1:{ports['port']}", env
-    finally:
-        subprocess.run([str(REPO / "cluster" / "stop_local.sh")], env=env, capture_output=True, timeout=120)
+    with local_head(tmp_path_factory.mktemp("head") / "cluster", num_cpus=1) as (url, gcs, env):
+        # The head's autoscaler reports its (fixed) node types a few seconds after start; until then the client
+        # cannot tell that no node will ever come, and rightly leaves the resource check to the driver. Wait for it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            nodes, may_grow = cluster_nodes(url)
+            if nodes and not may_grow:
+                break
+            time.sleep(0.5)
+        yield url, gcs, env
 
 
 @pytest.fixture(scope="module")

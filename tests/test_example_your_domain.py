@@ -7,15 +7,13 @@ the user's model."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _local_head import local_head, run_l3rs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "your_domain"
@@ -23,38 +21,14 @@ CONFIG = "examples/your_domain/your_domain.toml"
 pytestmark = pytest.mark.ray
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def l3rs(*args: str, env: dict[str, str], cwd: Path, timeout: float = 240) -> str:
-    proc = subprocess.run([sys.executable, "-m", "l3rs.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-    assert proc.returncode == 0, f"l3rs {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+def l3rs_cli(*args: str, env: dict[str, str], cwd: Path) -> str:
+    return run_l3rs(*args, env=env, cwd=cwd, timeout=240)  # the example's commands compile a user model
 
 
 @pytest.fixture
 def head(tmp_path):
-    from l3rs.service.raycluster import loopback_env
-
-    env = loopback_env()
-    env.pop("RAY_ADDRESS", None)
-    env["L3RS_CLUSTER_DIR"] = str(tmp_path / "cluster")
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_BIN"] = os.path.join(bin_dir, "ray")
-    ports = {name: free_port() for name in ("port", "dashboard-port", "metrics-port", "client-port")}
-    args = [str(REPO / "cluster" / "start_local.sh"), "--num-cpus", "1"]
-    for name, port in ports.items():
-        args += [f"--{name}", str(port)]
-    subprocess.run(args, env=env, check=True, capture_output=True, timeout=180)
-    try:
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
-    finally:
-        subprocess.run([str(REPO / "cluster" / "stop_local.sh")], env=env, capture_output=True, timeout=120)
+    with local_head(tmp_path / "cluster", num_cpus=1) as (address, _, env):
+        yield address, env
 
 
 def test_your_domain_example_end_to_end(head, tmp_path, monkeypatch):
@@ -89,15 +63,15 @@ def test_your_domain_example_end_to_end(head, tmp_path, monkeypatch):
     meta = json.loads((runs / "theta0" / "meta.json").read_text())
     assert meta["pretrain_classes"] == [0, 1, 2, 3] and meta["model_options"] == {"hidden": [64, 32]}
 
-    out = l3rs("submit", "--address", address, "--config", CONFIG, *sets, env=env, cwd=work)
+    out = l3rs_cli("submit", "--address", address, "--config", CONFIG, *sets, env=env, cwd=work)
     job_id = next(line.split()[1] for line in out.splitlines() if line.startswith("job:"))
     deadline, status = time.monotonic() + 300, {}
     while time.monotonic() < deadline:
-        status = json.loads(l3rs("status", job_id, "--address", address, env=env, cwd=work))
+        status = json.loads(l3rs_cli("status", job_id, "--address", address, env=env, cwd=work))
         if status["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(1)
-    logs = l3rs("logs", job_id, "--address", address, env=env, cwd=work)
+    logs = l3rs_cli("logs", job_id, "--address", address, env=env, cwd=work)
     assert status["status"] == "SUCCEEDED", logs
     assert "[your-domain] gen 1/1" in logs
 
