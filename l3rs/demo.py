@@ -1,10 +1,12 @@
 """``l3rs demo``: the whole story on the embedded default data, on one machine.
 
-1. pretrain θ0 (small CNN, Fashion-MNIST classes 0–4) and, for settings C/D, a second checkpoint on scikit-learn's
-   digits (classes 0–4);
+1. pretrain θ0 (small CNN) on the 360 pretrain classes of ``glyphs`` (the offline many-class benchmark,
+   :mod:`l3rs.data.glyphs`) and, for settings C/D, a second checkpoint on Fashion-MNIST classes 0–4;
 2. meta-train ψ with NES on a local Ray cluster (loopback only; dashboard at http://127.0.0.1:8265), one
    single-threaded worker per core;
-3. meta-test ψ against the Adam baselines on held-out tasks (settings A–E, paper §5), both cores;
+3. meta-test ψ against the Adam baselines (settings A–E, paper §5), both cores: in-domain tasks on the 180 meta-test
+   glyph classes, which neither pretraining nor meta-training saw (the paper's three-way split), and Fashion-MNIST
+   classes 5–9 out of domain;
 4. print the in-domain table and the speedup, and where the report, plots and ψ artifact are.
 
 Every stage is resumable: running the demo again reuses the checkpoints and the finished meta-training run.
@@ -18,7 +20,22 @@ import os
 import time
 from typing import Any
 
-__all__ = ["run_demo", "DEMO", "QUICK"]
+__all__ = ["run_demo", "demo_config", "GLYPHS", "DEMO", "QUICK", "OTHER_PRETRAIN"]
+
+# The embedded benchmark (= jobs/configs/glyphs_default.toml): 720 glyph classes split 360 / 180 / 180 into pretrain,
+# meta-train and meta-test classes, pairwise disjoint (paper §5). Eval batches hold all 20 validation (meta-training)
+# or test (meta-test) images of the task's 5 classes. Settings B-D: Fashion-MNIST (same 28x28x1 input), its classes
+# 5-9 for tasks and a checkpoint pretrained on its classes 0-4 (``OTHER_PRETRAIN``).
+GLYPHS = {
+    "run": {"name": "glyphs-default"},
+    "data": {"dataset": "glyphs"},
+    "task": {"eval_batch_size": 100},
+    "pretrain": {"steps": 3000, "learning_rate": 3e-3, "output": "runs/pretrain-glyphs"},
+    "model": {"checkpoint": "runs/pretrain-glyphs"},
+    "evaluate": {"other_dataset": "fashion_mnist_debian", "other_checkpoint": "runs/pretrain-fmnist"},
+}
+# The other checkpoint's pretraining: `l3rs pretrain`'s defaults for Fashion-MNIST (= runs/pretrain-fmnist).
+OTHER_PRETRAIN = {"steps": 1500, "learning_rate": 1e-3}
 
 # The demo's budget: <= 30 minutes on 2 CPU cores (measured: see README). Meta-training gets ~half of it:
 # NES population 16 (8 antithetic pairs), meta-batch 2, K ~ U[10, 100] (the embedded default), 100 generations,
@@ -55,25 +72,34 @@ def _stage(name: str, start: float) -> None:
     print(f"[demo] === {name} (t = {time.perf_counter() - start:.0f} s) ===", flush=True)
 
 
-def run_demo(args: Any, cfg: Any) -> int:
+def demo_config(cfg: Any, *, out: str, embedded: bool, quick: bool = False) -> Any:
+    """The demo's run config: ``cfg`` (the embedded default when ``embedded``, which then becomes the glyphs benchmark
+    with the demo's budget, :data:`GLYPHS` and :data:`DEMO`), ``QUICK``-sized when ``quick``, with the run and the
+    checkpoints that sit in their default places (``runs/X``) moved under ``out``, paths resolved."""
     from l3rs.config import EvaluateSection, ModelSection
+    from l3rs.service.driver import resolve_paths
+
+    if embedded:
+        cfg = cfg.replace(**GLYPHS).replace(**DEMO)
+    if quick:
+        cfg = cfg.replace(**{k: v for k, v in QUICK.items() if k != "pretrain"})
+    moved: dict[str, Any] = {"run": {"storage": out}}
+    for section, default in (("model", ModelSection()), ("evaluate", EvaluateSection())):
+        field = "checkpoint" if section == "model" else "other_checkpoint"
+        uri = getattr(getattr(cfg, section), field)
+        if uri in (getattr(default, field), GLYPHS[section][field]):
+            moved[section] = {field: os.path.join(out, os.path.basename(uri))}
+    return resolve_paths(cfg.replace(**moved))
+
+
+def run_demo(args: Any, cfg: Any) -> int:
     from l3rs.meta.evaluate import run_evaluation
     from l3rs.service.driver import Driver, resolve_paths
     from l3rs.service.raycluster import init_local
 
     start = time.perf_counter()
     out = os.path.abspath(args.out)
-    if not args.config and not args.set:  # the embedded default: the demo's budget choices (see DEMO)
-        cfg = cfg.replace(**DEMO)
-    if args.quick:
-        cfg = cfg.replace(**{k: v for k, v in QUICK.items() if k != "pretrain"})
-    # The demo keeps its run and checkpoints under --out, unless the config names other places.
-    moved: dict[str, Any] = {"run": {"storage": out}}
-    if cfg.model.checkpoint == ModelSection().checkpoint:
-        moved["model"] = {"checkpoint": os.path.join(out, "pretrain-fmnist")}
-    if cfg.evaluate.other_checkpoint == EvaluateSection().other_checkpoint:
-        moved["evaluate"] = {"other_checkpoint": os.path.join(out, "pretrain-digits")}
-    cfg = resolve_paths(cfg.replace(**moved))
+    cfg = demo_config(cfg, out=out, embedded=not args.config and not args.set, quick=args.quick)
     print(
         f"[demo] meta-training: population {cfg.nes.population_size}, meta-batch {cfg.nes.meta_batch_size}, "
         f"K ~ U[{cfg.task.k_min}, {cfg.task.k_max}], {cfg.nes.generations} generations, "
@@ -91,8 +117,11 @@ def run_demo(args: Any, cfg: Any) -> int:
         other = resolve_paths(
             dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=ev.other_checkpoint))
         )
-        _pretrain_if_missing(ev.other_dataset, cfg.model.name, other.model.checkpoint, cfg.pretrain,
-                             quick_steps or max(cfg.pretrain.steps // 3, 100))  # fmt: skip
+        if ev.other_dataset == GLYPHS["evaluate"]["other_dataset"]:
+            other_p = dataclasses.replace(cfg.pretrain, **OTHER_PRETRAIN)
+        else:
+            other_p = dataclasses.replace(cfg.pretrain, steps=max(cfg.pretrain.steps // 3, 100))
+        _pretrain_if_missing(ev.other_dataset, cfg.model.name, other.model.checkpoint, other_p, quick_steps)
 
     _stage("2/4 meta-train on a local Ray cluster", start)
     import ray
