@@ -103,7 +103,7 @@ def load_psi(uri: str, *, directions: tuple[str | Direction, ...] | None = None)
             raise ValueError(f"directions: {names} do not match the artifact's {opt['directions']}.")
         opt["directions"] = tuple(directions)
     try:
-        config = family_from_dict(opt)
+        config = family_from_dict(opt, recorded=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"artifact: {uri!r} has an optimizer config this version cannot read: {e}") from None
     template = config.template(tuple(meta.get("layer_paths", ())))

@@ -84,17 +84,24 @@ def test_wrong_model_and_corruption_are_refused(model, tmp_path):
 
 
 def test_artifact_written_before_families_still_loads(model, tmp_path):
-    """docs/demo/psi was written before learned-optimizer families: its optimizer dict has no "family" key. It must
-    still load as L3RS, and the demo's ψ gives finite updates on the model it was meta-trained for."""
+    """tests/data/psi_v0_fmnist (the Fashion-MNIST demo's ψ of the first release) was written before learned-optimizer
+    families and the stability options: its optimizer dict has neither a "family" key nor the issue-11 fields. It
+    must still load as L3RS with those fields at their original behaviour (whatever today's defaults are), and give
+    finite updates on the model it was meta-trained for."""
     import pathlib
     import shutil
 
-    src = pathlib.Path(__file__).resolve().parents[1] / "docs" / "demo" / "psi"
-    assert "family" not in json.loads((src / "metadata.json").read_text())["optimizer"]
+    from l3rs.optim.config import LEGACY_VALUES
+
+    src = pathlib.Path(__file__).resolve().parent / "data" / "psi_v0_fmnist"
+    recorded = json.loads((src / "metadata.json").read_text())["optimizer"]
+    assert "family" not in recorded and not set(LEGACY_VALUES) & set(recorded)
     shutil.copytree(src, tmp_path / "psi")
     _, params = model
     psi, config, _ = l3rs.load_psi(str(tmp_path / "psi"))
     assert isinstance(config, l3rs.L3RSConfig) and config.to_dict()["family"] == "l3rs"
+    assert {k: getattr(config, k) for k in LEGACY_VALUES} == LEGACY_VALUES
+    assert l3rs.L3RSConfig.from_dict(recorded).lambda_max_adam_ratio == l3rs.L3RSConfig().lambda_max_adam_ratio
     tx = l3rs.load(str(tmp_path / "psi"), total_steps=50, params=params)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))

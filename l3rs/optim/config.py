@@ -19,6 +19,14 @@ Variant = Literal["embedding", "no_embedding", "per_layer_mlp", "global"]
 FEATURE_SCALES = ("absolute", "relative", "log_relative")
 FeatureScale = Literal["absolute", "relative", "log_relative"]
 PAST_HORIZON = ("extrapolate", "clamp", "decay")
+# What an optimizer dict written before a field existed meant: artifacts record every field of their config, so a
+# missing one predates it and had this (its original) behaviour, whatever today's default is (issue 11's options).
+LEGACY_VALUES: dict[str, Any] = {
+    "feature_scale": "absolute",
+    "lambda_max_adam_ratio": None,
+    "past_horizon": "extrapolate",
+    "absolute_time_k_max": None,
+}
 PastHorizon = Literal["extrapolate", "clamp", "decay"]
 
 
@@ -219,7 +227,11 @@ class L3RSConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> L3RSConfig:
+    def from_dict(cls, d: dict[str, Any], *, recorded: bool = False) -> L3RSConfig:
+        """``cls(**d)``; with ``recorded`` (a dict an artifact wrote, which lists every field its version had), a field
+        it lacks gets its original value (:data:`LEGACY_VALUES`), not today's default."""
+        if recorded:
+            d = {**{k: v for k, v in LEGACY_VALUES.items() if k not in d}, **d}
         return config_from_dict(cls, d)
 
     # ---------------------------------------------------------------- the learned-optimizer family interface

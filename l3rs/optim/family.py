@@ -63,13 +63,16 @@ def register_family(cls: type) -> type:
     return cls
 
 
-def family_from_dict(d: dict[str, Any]) -> LearnedOptimizerConfig:
-    """The config of ``d["family"]`` (default ``"l3rs"``, which is what artifacts before families recorded)."""
+def family_from_dict(d: dict[str, Any], *, recorded: bool = False) -> LearnedOptimizerConfig:
+    """The config of ``d["family"]`` (default ``"l3rs"``, which is what artifacts before families recorded).
+
+    ``recorded``: ``d`` was written by an artifact, so a field it lacks predates that field and keeps its original
+    meaning rather than today's default (see :data:`l3rs.optim.config.LEGACY_VALUES`)."""
     d = dict(d)
     name = d.get("family", "l3rs")
     if name not in FAMILIES:
         raise ValueError(f"optimizer.family: {name!r} is not one of {sorted(FAMILIES)}.")
-    return FAMILIES[name].from_dict(d)
+    return FAMILIES[name].from_dict(d, recorded=recorded)
 
 
 def config_from_dict(cls: type, d: dict[str, Any]) -> Any:

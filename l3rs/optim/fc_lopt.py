@@ -218,7 +218,9 @@ class FCLoptConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FCLoptConfig:
+    def from_dict(cls, d: dict[str, Any], *, recorded: bool = False) -> FCLoptConfig:
+        """``cls(**d)``; ``recorded`` (a dict an artifact wrote) changes nothing: no field of this family is newer than
+        its artifacts."""
         return config_from_dict(cls, d)
 
     def init(self, params: Any, key: jax.Array) -> MetaParams:

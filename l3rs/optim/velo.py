@@ -225,7 +225,9 @@ class VeLOConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VeLOConfig:
+    def from_dict(cls, d: dict[str, Any], *, recorded: bool = False) -> VeLOConfig:
+        """``cls(**d)``; ``recorded`` (a dict an artifact wrote) changes nothing: no field of this family is newer than
+        its artifacts."""
         return config_from_dict(cls, d)
 
     # ---------------------------------------------------------------- the learned-optimizer family interface
