@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _paper import paper_config
 
 import l3rs
 
@@ -107,7 +108,7 @@ def test_inner_loop_is_bit_identical_to_main():
 # Skipped layers
 # ----------------------------------------------------------------------------------------------------------
 def test_gradient_turning_all_zero_mid_run_freezes_that_layer_and_its_state():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     params = _tree(0)
     psi = l3rs.init_psi(config, params, jax.random.key(1))
     init, update = _runner(psi, config)
@@ -137,7 +138,7 @@ def test_gradient_turning_all_zero_mid_run_freezes_that_layer_and_its_state():
 
 def test_gradient_feature_of_a_skipped_layer_stays_correctly_bias_corrected():
     """After a skip, the layer's log‖g‖ EMA is the §4.1 bias-corrected EMA over the steps it saw (not the calls)."""
-    config = l3rs.L3RSConfig(lambda_skip=False)
+    config = paper_config(lambda_skip=False)
     params = _tree(0)
     g_count = len(GAMMAS)
     grads = [_tree(40 + t, 0.1 * (t + 1)) for t in range(4)]
@@ -160,7 +161,7 @@ def test_gradient_feature_of_a_skipped_layer_stays_correctly_bias_corrected():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_layer_keeps_its_moments_and_does_not_move(bad):
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     params = _tree(0)
     init, update = _runner(l3rs.init_psi(config, params, jax.random.key(1)), config)
     state = init(params)
@@ -177,7 +178,7 @@ def test_non_finite_layer_keeps_its_moments_and_does_not_move(bad):
 
 def test_nan_loss_skips_the_loss_ema_and_its_counter():
     """Loss feature (γ = 0.9, 0.99) after losses (2.0, NaN, 1.5, 1.2) is the bias-corrected EMA of (2.0, 1.5, 1.2)."""
-    config = l3rs.L3RSConfig(lambda_skip=False)
+    config = paper_config(lambda_skip=False)
     params = _tree(0)
     losses = (2.0, float("nan"), 1.5, 1.2)
     finite = [x for x in losses if np.isfinite(x)]
@@ -198,7 +199,7 @@ def test_nan_loss_skips_the_loss_ema_and_its_counter():
 
 
 def test_nan_loss_first_gives_a_zero_loss_feature_until_a_finite_loss():
-    config = l3rs.L3RSConfig(lambda_skip=False)
+    config = paper_config(lambda_skip=False)
     params = _tree(0)
     init, update = _runner(_selector(config, params, 2 * len(GAMMAS) + 2), config)
     state = init(params)
@@ -209,7 +210,7 @@ def test_nan_loss_first_gives_a_zero_loss_feature_until_a_finite_loss():
 
 
 def test_all_zero_gradients_from_the_start_never_move_and_stay_finite():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     params = _tree(0)
     init, update = _runner(l3rs.init_psi(config, params, jax.random.key(1)), config)
     state = init(params)
@@ -223,7 +224,7 @@ def test_all_zero_gradients_from_the_start_never_move_and_stay_finite():
 
 
 def test_global_variant_skips_the_features_only_when_every_layer_is_skipped():
-    config = l3rs.L3RSConfig(variant="global")
+    config = paper_config(variant="global")
     params = _tree(0)
     init, update = _runner(l3rs.init_psi(config, params, jax.random.key(1)), config)
     state = init(params)

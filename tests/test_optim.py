@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _paper import paper_config  # every formula here is §4.1's: absolute features, λ unbounded
 
 import l3rs
 
 EPS = 1e-8
+
 GAMMAS = np.array([0.0, 0.9, 0.99])
 ALPHAS = np.linspace(0.0, 1.0, 11)  # §4.1: 11 relative-time anchors in [0, 1]
 BETAS = np.logspace(-4.0, -1.0, 4)  # §4.1: 4 absolute-time scales in [1e-4, 0.1]
@@ -263,7 +265,7 @@ def _cos(a, b) -> float:
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["embedding", "global"])  # the others: test_updates_match_hand_computed_l3rs
 def test_features_seen_by_the_mlp_match_hand_computed_features(variant):
-    config = l3rs.L3RSConfig(variant=variant, lambda_skip=False)
+    config = paper_config(variant=variant, lambda_skip=False)
     template = _perturbed_psi(config)
     n_features = config.num_features
     assert n_features == {"embedding": 42, "global": 26}[variant]
@@ -285,7 +287,7 @@ def test_features_seen_by_the_mlp_match_hand_computed_features(variant):
 
 def test_feature_values_spelled_out_at_step_three():
     """The same, formula by formula, for one layer (head/kernel) at k = 2 (the third step)."""
-    config = l3rs.L3RSConfig(lambda_skip=False)
+    config = paper_config(lambda_skip=False)
     template = l3rs.init_psi(config, PARAMS_SEQ[0], jax.random.key(3))
     vectors = jnp.stack([l3rs.psi_to_vector(_selector(template, config, i)) for i in range(42)])
     lam = _vtrajectory(template, vectors, config)[2][1]["step_norm"]  # [F, L] at the third step
@@ -327,7 +329,7 @@ def test_feature_values_spelled_out_at_step_three():
     ],
 )
 def test_updates_match_hand_computed_l3rs(variant, lambda_skip):
-    config = l3rs.L3RSConfig(variant=variant, lambda_skip=lambda_skip)
+    config = paper_config(variant=variant, lambda_skip=lambda_skip)
     psi = _perturbed_psi(config)
     # Adam's β1, β2 are meta-learned logits in ψ: use values far from the defaults to see they are read.
     psi = psi.replace(hparams={"adam": {"b1": _logit(0.7), "b2": _logit(0.95)}, "sgd": {}})
@@ -349,7 +351,7 @@ def test_updates_match_hand_computed_l3rs(variant, lambda_skip):
 # Invariants of Eq. 2
 # ----------------------------------------------------------------------------------------------------------
 def test_update_is_the_mu_weighted_sum_of_normalised_adam_and_sgd_directions():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config, scale=0.1)
     got, _ = _run(psi, config)
     adam = HandAdam(_sigmoid(psi.hparams["adam"]["b1"]), _sigmoid(psi.hparams["adam"]["b2"]))  # β's from ψ
@@ -365,7 +367,7 @@ def test_update_is_the_mu_weighted_sum_of_normalised_adam_and_sgd_directions():
 
 
 def test_sgd_only_is_normalised_gradient_descent():
-    config = l3rs.L3RSConfig(directions=("sgd",))
+    config = paper_config(directions=("sgd",))
     got, _ = _run(_perturbed_psi(config, scale=0.1), config)
     for t in range(3):
         u, mu, lam = got[t]
@@ -389,7 +391,7 @@ _REFERENCE = {
 @pytest.mark.parametrize("name", sorted(_REFERENCE))
 def test_every_builtin_direction_alone_moves_lambda_along_its_direction(name):
     assert set(_REFERENCE) == set(l3rs.BUILTIN_DIRECTIONS)
-    config = l3rs.L3RSConfig(directions=(name,))
+    config = paper_config(directions=(name,))
     psi = _perturbed_psi(config, scale=0.1)
     got, _ = _run(psi, config)
     hparams = {k: _sigmoid(v) for k, v in psi.hparams[name].items()}  # ψ's meta-learned β's
@@ -410,7 +412,7 @@ def test_every_builtin_direction_alone_moves_lambda_along_its_direction(name):
 
 
 def test_default_update_points_downhill_and_decreases_a_quadratic():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = l3rs.init_psi(config, PARAMS_SEQ[0], jax.random.key(0))
     target = _tree(99)
 
@@ -438,7 +440,7 @@ def test_user_supplied_direction():
         lambda hp: optax.chain(optax.scale_by_belief(b1=hp["b1"], b2=0.999, eps=1e-8), optax.scale(-1.0)),
         learnable={"b1": 0.8},
     )
-    config = l3rs.L3RSConfig(directions=("sgd", belief))
+    config = paper_config(directions=("sgd", belief))
     psi = _perturbed_psi(config, scale=0.1)
     assert _sigmoid(psi.hparams["adabelief"]["b1"]) == pytest.approx(0.8, abs=0.05)
     b1 = _sigmoid(psi.hparams["adabelief"]["b1"])  # the value ψ holds is the one used
@@ -463,13 +465,13 @@ def test_psi0_first_step_is_adam_3e_3():
     adam_update, _ = optax.adam(3e-3).update(grads, optax.adam(3e-3).init(params), params)
     adam_update = _leaves(adam_update)
     # Adam-only mixing: optax.adam(3e-3)'s direction, and its length up to the small-weight MLP output.
-    config = l3rs.L3RSConfig(directions=("adam",))
+    config = paper_config(directions=("adam",))
     got, _ = _run(l3rs.init_psi(config, params, jax.random.key(0)), config, [params], [grads], [2.3])
     for path, u, a in zip(PATHS, got[0][0], adam_update, strict=True):
         assert _cos(u, a) > 1 - 1e-6, path
         assert _norm(u) / _norm(a) == pytest.approx(1.0, abs=0.1), path
     # Default config: λ = 3e-3·‖d_adam‖ (up to the same perturbation), μ = (0.9, 0.1).
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     assert config.init_lr == 3e-3
     got, _ = _run(l3rs.init_psi(config, params, jax.random.key(0)), config, [params], [grads], [2.3])
     _, mu, lam = got[0]
@@ -486,7 +488,7 @@ def _finite_tree(tree) -> bool:
 
 
 def test_zero_gradients_give_a_zero_update():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     zeros = jax.tree.map(jnp.zeros_like, GRADS_SEQ[0])
     got, state = _run(_perturbed_psi(config), config, grads_seq=[zeros] * 3)
     for u, mu, lam in got:
@@ -498,7 +500,7 @@ def test_zero_gradients_give_a_zero_update():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_gradient_zeroes_only_that_layer(bad):
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config)
     broken = jax.tree.map(lambda x: x, GRADS_SEQ[1])
     broken["head"]["kernel"] = broken["head"]["kernel"].at[1, 2].set(bad)
@@ -517,7 +519,7 @@ def test_non_finite_gradient_zeroes_only_that_layer(bad):
 
 
 def test_nan_loss_does_not_poison_the_state():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     got, state = _run(_perturbed_psi(config), config, losses=(2.3, float("nan"), 1.9))
     assert _finite_tree(state)
     for u, mu, lam in got:
@@ -526,7 +528,7 @@ def test_nan_loss_does_not_poison_the_state():
 
 
 def test_bfloat16_params_keep_their_dtype():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config)
     to_bf16 = lambda seq: [jax.tree.map(lambda x: x.astype(jnp.bfloat16), t) for t in seq]  # noqa: E731
     outs, state = _trajectory(psi, config, K, to_bf16(PARAMS_SEQ), to_bf16(GRADS_SEQ), LOSSES)
@@ -539,7 +541,7 @@ def test_bfloat16_params_keep_their_dtype():
 
 
 def test_jit_matches_eager():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config)
     tx = l3rs.l3rs(psi, config, K)
     state = tx.init(PARAMS_SEQ[0])
@@ -551,7 +553,7 @@ def test_jit_matches_eager():
 
 
 def test_vmap_over_a_batch_of_psi():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psis = [_perturbed_psi(config, scale=0.1, seed=s) for s in (0, 10, 20)]
     vectors = jnp.stack([l3rs.psi_to_vector(p) for p in psis])
 
@@ -565,7 +567,7 @@ def test_vmap_over_a_batch_of_psi():
 
 
 def test_one_compile_serves_every_horizon():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config)
     traces = 0
 
@@ -590,7 +592,7 @@ def _head_only(tree):
 
 @pytest.mark.parametrize("variant", ["embedding", "per_layer_mlp"])  # per-layer parts must follow the path
 def test_masked_head_only_with_psi_built_on_all_layers(variant):
-    config = l3rs.L3RSConfig(variant=variant)
+    config = paper_config(variant=variant)
     psi = _perturbed_psi(config)  # built for every layer
     full, _ = _run(psi, config)
     tx = optax.masked(l3rs.l3rs(psi, config, K), _head_only(PARAMS_SEQ[0]))
@@ -606,7 +608,7 @@ def test_masked_head_only_with_psi_built_on_all_layers(variant):
 
 
 def test_multi_transform_head_only_training():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config)
     full, _ = _run(psi, config)
     labels = {key: "train" if key == "head" else "freeze" for key in PARAMS_SEQ[0]}
@@ -621,7 +623,7 @@ def test_multi_transform_head_only_training():
 
 
 def test_state_round_trips_through_flax_serialization():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = _perturbed_psi(config)
     tx = l3rs.l3rs(psi, config, K)
     step = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
@@ -644,7 +646,7 @@ def test_state_round_trips_through_flax_serialization():
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["embedding", "no_embedding", "per_layer_mlp", "global"])
 def test_psi_vector_round_trip_and_shapes(variant):
-    config = l3rs.L3RSConfig(variant=variant)
+    config = paper_config(variant=variant)
     psi = l3rs.init_psi(config, PARAMS_SEQ[0], jax.random.key(0))
     assert psi.layer_paths == PATHS == l3rs.layer_paths(PARAMS_SEQ[0])
     vec = l3rs.psi_to_vector(psi)
@@ -665,7 +667,7 @@ def test_psi_vector_round_trip_and_shapes(variant):
 
 
 def test_global_variant_shares_one_lambda_and_the_global_norm_equals_it():
-    config = l3rs.L3RSConfig(variant="global", directions=("adam",))
+    config = paper_config(variant="global", directions=("adam",))
     got, _ = _run(_perturbed_psi(config, scale=0.1), config)
     for u, _, lam in got:
         assert np.ptp(lam) == 0.0
@@ -675,7 +677,7 @@ def test_global_variant_shares_one_lambda_and_the_global_norm_equals_it():
 
 
 def test_layer_mismatch_is_a_clear_error():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     psi = l3rs.init_psi(config, PARAMS_SEQ[0], jax.random.key(0))
     other = dict(PARAMS_SEQ[0], Dense_9={"kernel": jnp.ones((2, 2))})
     tx = l3rs.l3rs(psi, config, K)
@@ -686,7 +688,7 @@ def test_layer_mismatch_is_a_clear_error():
 
 
 def test_missing_value_or_params_is_a_clear_error():
-    config = l3rs.L3RSConfig()
+    config = paper_config()
     tx = l3rs.l3rs(l3rs.init_psi(config, PARAMS_SEQ[0], jax.random.key(0)), config, K)
     state = tx.init(PARAMS_SEQ[0])
     with pytest.raises(ValueError, match="value"):

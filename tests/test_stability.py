@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _paper import paper_config
 from test_edge_cases import _runner, _selector, _tree  # the selector ψ and a jitted runner
 
 import l3rs
@@ -64,7 +65,7 @@ def _features_seen(config, indices, grads, losses, params=None, total_steps=20):
 )
 def test_bad_values_are_refused_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        l3rs.L3RSConfig(**kwargs)
+        paper_config(**kwargs)
 
 
 def test_bad_value_in_a_run_config_is_a_config_error_naming_the_field():
@@ -73,7 +74,7 @@ def test_bad_value_in_a_run_config_is_a_config_error_naming_the_field():
 
 
 def test_options_round_trip_through_to_dict_and_artifacts(tmp_path):
-    config = l3rs.L3RSConfig(
+    config = paper_config(
         feature_scale="log_relative", lambda_max_adam_ratio=10.0, past_horizon="decay", absolute_time_k_max=100
     )
     d = json.loads(json.dumps(config.to_dict()))
@@ -114,7 +115,7 @@ def _constant_logit_psi(config, params, log_ratio):
 @pytest.mark.parametrize("c_max", [3.0, 10.0])
 def test_lambda_bound_matches_hand_computed_squashing(c_max):
     """First step: Adam's direction is −g/(|g| + ε); λ = lr₀‖d‖·c·σ(log r − log(c − 1)) for unbounded ratio r."""
-    config = l3rs.L3RSConfig(lambda_max_adam_ratio=c_max)
+    config = paper_config(lambda_max_adam_ratio=c_max)
     params, grads = _tree(0), _tree(1, 0.1)
     g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
     norm_d = np.array([_norm(x / (np.abs(x) + 1e-8)) for x in g])
@@ -132,7 +133,7 @@ def test_lambda_bound_matches_hand_computed_squashing(c_max):
 
 def test_paper_lambda_exp_z_without_the_skip():
     """lambda_skip=False is §4.1's λ = exp(z_{P+1}): with a constant logit, λ = init_lr whatever ‖d‖ is."""
-    config = l3rs.L3RSConfig(lambda_skip=False)
+    config = paper_config(lambda_skip=False)
     params = _tree(0)
     init, update = _runner(_constant_logit_psi(config, params, np.log(2.0)), config)
     _, state = update(_tree(1, 5.0), init(params), params, jnp.float32(1.0))
@@ -144,7 +145,7 @@ def test_paper_lambda_exp_z_without_the_skip():
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", ["relative", "log_relative"])
 def test_relative_features_match_hand_computed_values(scale):
-    config = l3rs.L3RSConfig(lambda_skip=False, feature_scale=scale)
+    config = paper_config(lambda_skip=False, feature_scale=scale)
     params = _tree(0)
     grads = [_tree(1, 0.1), _tree(2, 0.3), _tree(3, 0.05)]
     losses = [1.6, 0.8, 0.05]
@@ -161,7 +162,7 @@ def test_relative_features_match_hand_computed_values(scale):
 def test_relative_features_do_not_change_with_the_loss_and_gradient_scale():
     """Multiply every loss by 20 and every gradient by 1e-3: the relative features, hence the updates, stay put
     (up to the ε inside the norms and Adam)."""
-    config = l3rs.L3RSConfig(feature_scale="relative")
+    config = paper_config(feature_scale="relative")
     params = _tree(0)
     psi = l3rs.init_psi(config, params, jax.random.key(3))
     vec = l3rs.psi_to_vector(psi)
@@ -186,7 +187,7 @@ def test_clamp_holds_the_relative_time_features_at_the_last_planned_step():
     horizon, steps = 3, 6
     grads, losses = [_tree(5, 0.1)] * steps, [1.0] * steps
     for mode in ("extrapolate", "clamp"):
-        config = l3rs.L3RSConfig(lambda_skip=False, past_horizon=mode)
+        config = paper_config(lambda_skip=False, past_horizon=mode)
         seen = _features_seen(config, [3 * G + 10], grads, losses, total_steps=horizon)[3 * G + 10][:, 0]  # α = 1
         ks = np.arange(steps, dtype=np.float64)
         k_eff = ks if mode == "extrapolate" else np.minimum(ks, horizon - 1)
@@ -196,10 +197,10 @@ def test_clamp_holds_the_relative_time_features_at_the_last_planned_step():
 def test_decay_scales_lambda_by_k_over_k_plus_one_past_the_horizon():
     horizon, steps = 3, 6
     params = _tree(0)
-    psi = _constant_logit_psi(l3rs.L3RSConfig(), params, 0.0)
+    psi = _constant_logit_psi(paper_config(), params, 0.0)
     lams = {}
     for mode in ("clamp", "decay"):
-        config = l3rs.L3RSConfig(past_horizon=mode)
+        config = paper_config(past_horizon=mode)
         init, update = _runner(psi, config, horizon)
         state, rows = init(params), []
         for _ in range(steps):
@@ -214,7 +215,7 @@ def test_decay_scales_lambda_by_k_over_k_plus_one_past_the_horizon():
 
 
 def test_absolute_time_features_see_at_most_absolute_time_k_max():
-    config = l3rs.L3RSConfig(lambda_skip=False, absolute_time_k_max=100)
+    config = paper_config(lambda_skip=False, absolute_time_k_max=100)
     idx = [3 * G + 11 + j for j in range(4)]
     for horizon, k_seen in ((50, 50), (500, 100)):
         seen = _features_seen(config, idx, [_tree(5, 0.1)], [1.0], total_steps=horizon)
@@ -223,7 +224,7 @@ def test_absolute_time_features_see_at_most_absolute_time_k_max():
 
 
 def test_options_keep_one_compile_for_every_horizon():
-    config = l3rs.L3RSConfig(
+    config = paper_config(
         feature_scale="relative", lambda_max_adam_ratio=10.0, past_horizon="decay", absolute_time_k_max=100
     )
     params = _tree(0)

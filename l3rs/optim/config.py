@@ -66,7 +66,11 @@ class L3RSConfig:
         ``lambda_skip=False``; both are the same function class, the skip only makes ψ₀ = Adam(init_lr) exact.
       eps: added inside every log-norm and norm division.
 
-    Stability options (issue 11; the defaults are the original behaviour, bit for bit):
+    Stability options (issue 11). The defaults, a bound of 10 Adam-equivalent steps and scale-free features, were
+    chosen by a meta-training ablation on the glyphs benchmark (docs/stability.md); ``feature_scale="absolute"``,
+    ``lambda_max_adam_ratio=None`` (``"none"`` in TOML), ``past_horizon="extrapolate"`` and
+    ``absolute_time_k_max=None`` are the original behaviour, bit for bit, which artifacts written before these
+    fields existed keep (:data:`LEGACY_VALUES`):
 
       feature_scale: how the norm and loss features are scaled. ``"absolute"`` (§4.1 as written): EMAs of log‖w‖,
         log‖g‖ and the loss L, and log‖d_p‖. ``"relative"``: every norm relative to its value at the layer's first
@@ -74,11 +78,11 @@ class L3RSConfig:
         loss, L / (|L₀| + eps). ``"log_relative"``: the same norms, and the loss as log(max(L, eps) / (|L₀| + eps))
         (meant for positive losses such as cross-entropy). The λ skip connection (``lambda_skip``) always uses the
         absolute log‖d_1‖: it is the unit of λ, not a feature.
-      lambda_max_adam_ratio: ``None`` (no bound) or c > 1: a smooth bound on λ in units of the *Adam-equivalent
-        step* lr₀·‖d_1‖ (lr₀ = ``init_lr``, d_1 the first direction, Adam by default). With r the unbounded ratio
-        λ/(lr₀‖d_1‖), the bounded ratio is c·σ(log r − log(c − 1)): it equals 1 where r = 1 (so ψ₀ is unchanged),
-        follows r for r ≪ c and never exceeds c, so ‖Δθ‖ ≤ λ < c·lr₀·‖d_1‖. Smooth, so NES still sees how a
-        candidate's λ moves. c must exceed 1 because ψ₀ itself steps at ratio 1.
+      lambda_max_adam_ratio: ``None`` (no bound; ``"none"`` in a TOML config, which has no null) or c > 1: a smooth
+        bound on λ in units of the *Adam-equivalent step* lr₀·‖d_1‖ (lr₀ = ``init_lr``, d_1 the first direction, Adam by
+        default). With r the unbounded ratio λ/(lr₀‖d_1‖), the bounded ratio is c·σ(log r − log(c − 1)): it equals 1
+        where r = 1 (so ψ₀ is unchanged), follows r for r ≪ c and never exceeds c, so ‖Δθ‖ ≤ λ < c·lr₀·‖d_1‖. Smooth, so
+        NES still sees how a candidate's λ moves. c must exceed 1 because ψ₀ itself steps at ratio 1.
       past_horizon: what the time features do for steps k ≥ K (more steps than the optimizer was told).
         ``"extrapolate"``: tanh(10(k/K − α)) with k/K > 1 (saturates towards 1). ``"clamp"``: the relative-time
         features stay at those of the last planned step, k = K − 1. ``"decay"``: as ``"clamp"``, and λ is scaled
@@ -103,8 +107,8 @@ class L3RSConfig:
     init_mixing: tuple[float, ...] | None = None
     lambda_skip: bool = True
     eps: float = 1e-8
-    feature_scale: FeatureScale = "absolute"
-    lambda_max_adam_ratio: float | None = None
+    feature_scale: FeatureScale = "log_relative"
+    lambda_max_adam_ratio: float | None = 10.0
     past_horizon: PastHorizon = "extrapolate"
     absolute_time_k_max: float | None = None
 
@@ -169,18 +173,21 @@ class L3RSConfig:
             raise ValueError(f"optimizer.feature_scale: {self.feature_scale!r} is not one of {FEATURE_SCALES}.")
         if self.past_horizon not in PAST_HORIZON:
             raise ValueError(f"optimizer.past_horizon: {self.past_horizon!r} is not one of {PAST_HORIZON}.")
+        for name in ("lambda_max_adam_ratio", "absolute_time_k_max"):  # TOML has no null: "none" turns an option off
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() == "none":
+                object.__setattr__(self, name, None)
         if self.lambda_max_adam_ratio is not None:
             _check_number("lambda_max_adam_ratio", self.lambda_max_adam_ratio)
             if not (math.isfinite(self.lambda_max_adam_ratio) and self.lambda_max_adam_ratio > 1.0):
                 raise ValueError(
                     "optimizer.lambda_max_adam_ratio: must be a finite number > 1 (ψ₀ steps at 1× the "
-                    f"Adam-equivalent step), or null for no bound; got {self.lambda_max_adam_ratio}."
+                    f'Adam-equivalent step), or "none" for no bound; got {self.lambda_max_adam_ratio}.'
                 )
         if self.absolute_time_k_max is not None:
             _check_number("absolute_time_k_max", self.absolute_time_k_max)
             if not (math.isfinite(self.absolute_time_k_max) and self.absolute_time_k_max >= 1):
                 raise ValueError(
-                    f"optimizer.absolute_time_k_max: must be a number >= 1, or null; got {self.absolute_time_k_max}."
+                    f'optimizer.absolute_time_k_max: must be a number >= 1, or "none"; got {self.absolute_time_k_max}.'
                 )
 
     # ----------------------------------------------------------------------------------------------------------
