@@ -266,3 +266,27 @@ def test_two_source_run_on_ray_resumes_to_the_same_psi(ray_connected, tmp_path):
     with open(os.path.join(ref.psi_uri, "metadata.json")) as f:
         meta = json.load(f)
     assert [s["name"] for s in meta["task_sources"]] == ["glyphs", "digits"]
+
+
+def test_merged_pools_and_placed_tasks():
+    from l3rs.meta.tasks import Task, TaskPool
+
+    def pool(n: int, m: int, value: int) -> TaskPool:
+        return TaskPool(np.full((n, 2, 2, 1), value, np.uint8), np.arange(n, dtype=np.int32),
+                        np.full((m, 2, 2, 1), value, np.uint8), np.arange(m, dtype=np.int32))  # fmt: skip
+
+    a, b = pool(5, 3, 1), pool(4, 2, 2)
+    assert mixture.merge_pools([a]) == (a, [(0, 0)])  # alone: the pool itself, no copy
+    merged, offsets = mixture.merge_pools([a, b])
+    assert offsets == [(0, 0), (5, 3)] and merged.train_images.shape == (9, 2, 2, 1)
+    task = Task(0, np.arange(2), 2, 0, np.ones((3, 4), np.int32), np.zeros((3, 4), np.int32),
+                np.asarray([0, 1], np.int32), np.asarray([0, 1], np.int32))  # fmt: skip
+    assert mixture.place_task(task, (0, 0), 3) is task
+    placed = mixture.place_task(task, offsets[1], 6)
+    assert placed.train_idx.shape == (6, 4) and (placed.train_idx[:3] == 6).all() and (placed.train_idx[3:] == 0).all()
+    assert (merged.train_images[placed.train_idx[:3]] == 2).all() and (merged.eval_images[placed.eval_idx] == 2).all()
+    with pytest.raises(ValueError, match="rows"):
+        mixture.place_task(task, (0, 0), 2)
+    bare = mixture.labels_only(b)
+    assert bare.train_images.shape == (0, 2, 2, 1) and bare.train_images.base is None
+    assert np.array_equal(bare.train_labels, b.train_labels)

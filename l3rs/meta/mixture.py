@@ -39,6 +39,7 @@ __all__ = [
     "LOG_LOSS_FLOOR",
     "TaskSource",
     "fitness",
+    "labels_only",
     "loop_key",
     "merge_pools",
     "place_task",
@@ -152,6 +153,16 @@ def merge_pools(pools: list[TaskPool]) -> tuple[TaskPool, list[tuple[int, int]]]
         eval_at += len(p.eval_labels)
     merged = TaskPool(*(np.concatenate([getattr(p, f) for p in pools]) for f in TaskPool._fields))
     return merged, offsets
+
+
+def labels_only(pool: TaskPool) -> TaskPool:
+    """``pool`` without its images (empty arrays of the same image shape): all that sampling a task reads
+    (:func:`l3rs.meta.tasks.sample_task`), once a loop holds the images on its device."""
+
+    def empty(images: np.ndarray) -> np.ndarray:  # a new array: a view [:0] would keep the images alive
+        return np.empty((0, *images.shape[1:]), images.dtype)
+
+    return pool._replace(train_images=empty(pool.train_images), eval_images=empty(pool.eval_images))
 
 
 def place_task(task: Task, offset: tuple[int, int], rows: int) -> Task:

@@ -13,7 +13,7 @@ import numpy as np
 
 from l3rs.config import Config
 from l3rs.meta.inner import InnerLoop, learned_optimizer_fn
-from l3rs.meta.mixture import loop_key, merge_pools, place_task, task_sources
+from l3rs.meta.mixture import labels_only, loop_key, merge_pools, place_task, task_sources
 from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
 
 __all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_meta", "model_for", "model_shapes"]
@@ -157,9 +157,11 @@ class TaskRunner:
             )
             self.loops.append(loop)
             for i, offset in zip(members, offsets, strict=True):
-                slots[i] = (dists[i], pools[i], loop, theta0s[i], offset, rows)
+                # The loop holds the images on its device; tasks are sampled from the labels alone.
+                slots[i] = (dists[i], labels_only(pools[i]), loop, theta0s[i], offset, rows)
+            del pool
         self._slots = slots
-        self.dist, self.pool, self.loop = dists[0], pools[0], slots[0][2]
+        self.dist, self.pool, self.loop = dists[0], slots[0][1], slots[0][2]
 
     @property
     def compiles(self) -> int:
