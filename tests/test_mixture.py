@@ -100,8 +100,15 @@ def test_sources_inherit_the_run_sections_and_override_their_own_fields(tmp_path
     assert (second.task.num_classes, second.task.k_max, second.model.checkpoint) == (5, 8, "somewhere")
     assert mixture.loop_key(first) != mixture.loop_key(second)  # 16x16 digits vs 28x28 glyphs
     assert mixture.task_sources(tiny_config()) == ()
-    # The saved config round-trips (what a worker and a resume read back).
+    # The saved config round-trips (what a worker and a resume read back); resuming with other sources is refused.
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    from l3rs.service.preflight import resume_differences
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    assert resume_differences(tiny_config(), str(run_dir)) == []
+    assert [d[0] for d in resume_differences(cfg, str(run_dir))] == ["task.sources"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
