@@ -203,8 +203,9 @@ def test_worker_holds_every_source_and_compiles_once_per_shape(plain, tmp_path):
     from l3rs.meta.runner import TaskRunner
 
     runner0, cands, results = plain
-    # Another θ0 of the digits model's shapes (another seed), as a flax msgpack checkpoint.
-    theta0 = random_variables("small_cnn", (16, 16, 1), 3, seed=99, module=runner0.cfg.model.create(3))
+    # Another θ0 of the digits model (another seed, and a 7-way head as if pretrained on 7 classes), as a flax
+    # msgpack checkpoint.
+    theta0 = random_variables("small_cnn", (16, 16, 1), 7, seed=99, module=runner0.cfg.model.create(7))
     ckpt = tmp_path / "theta0.msgpack"
     ckpt.write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(theta0)))
     classes = {"pretrain": "4:6", "meta_train": "0:4", "meta_test": "6:10"}
@@ -216,7 +217,8 @@ def test_worker_holds_every_source_and_compiles_once_per_shape(plain, tmp_path):
         "checkpoint": str(ckpt),
     }
     # "digits-other" and "data" (the plain run's own sections) share one loop (16x16, 3-way): "data" second in the
-    # merged pool, its batch rows padded from 8 to 12, its θ0 passed per call; glyphs (28x28, 5-way) has its own.
+    # merged pool, its batch rows padded from 8 to 12, its θ0 passed per call (both θ0 given the 3-way head's
+    # shape); glyphs (28x28, 5-way) has its own.
     cfg = tiny_config(sources=[GLYPHS, other, {"weight": 0.5}])
     runner = TaskRunner(cfg)
     assert len(runner.loops) == 2
@@ -241,7 +243,9 @@ def test_preflight_names_a_sources_missing_checkpoint(tmp_path):
 def test_two_source_run_on_ray_resumes_to_the_same_psi(ray_connected, tmp_path):
     from l3rs.service.driver import Driver
 
-    workers = {"min_workers": 1, "max_workers": 1, "resources": {"CPU": 1.0}, "unit_timeout_s": 120.0}
+    # Both members of a pair in one vmapped call (candidates_per_call = 2): θ0 per call goes through vmap too.
+    workers = {"min_workers": 1, "max_workers": 1, "resources": {"CPU": 1.0}, "unit_timeout_s": 120.0,
+               "candidates_per_call": 2}  # fmt: skip
     # Digits resized to the glyphs' 28x28, both 3-way: one compiled loop per worker for the two sources (their pools
     # merged, digits' batch rows padded from 6 to 8).
     sources = [{**GLYPHS, "num_classes": 3}, {**DIGITS, "image_size": [28, 28]}]

@@ -15,7 +15,8 @@ With sources:
   distinct (model, image shape, N-way, batch size, eval batch size): sources that share a key share one loop, their
   pools concatenated (:func:`merge_pools`) and their tasks' indices shifted into it and padded to the key's largest
   ``k_max`` (:func:`place_task`; K is a traced loop bound, so K ranges need no compile of their own). θ0 is an
-  argument of the compiled loop, so sources with different checkpoints of the same shapes share it too.
+  argument of the compiled loop, so sources with different checkpoints share it too (their pretraining heads,
+  replaced for every task anyway, are first given the task's width: :func:`with_task_head`).
 - **Fitness.** ``nes.fitness = "loss"`` (default, paper §2): −mean eval loss over the meta-batch. Sources whose loss
   scales differ (e.g. 5-way vs 10-way tasks, an easy and a hard domain) then weigh by their loss *differences between
   candidates*, so an easy source with small losses barely moves the ranking. ``"log_loss"``: −mean log eval loss,
@@ -47,6 +48,7 @@ __all__ = [
     "slot_sources",
     "source_probabilities",
     "task_sources",
+    "with_task_head",
 ]
 
 FITNESS_MODES = ("loss", "log_loss")
@@ -153,6 +155,19 @@ def merge_pools(pools: list[TaskPool]) -> tuple[TaskPool, list[tuple[int, int]]]
         eval_at += len(p.eval_labels)
     merged = TaskPool(*(np.concatenate([getattr(p, f) for p in pools]) for f in TaskPool._fields))
     return merged, offsets
+
+
+def with_task_head(variables: dict[str, Any], num_classes: int, head: str = "head") -> dict[str, Any]:
+    """θ0 with its classifier ``head`` replaced by a ``num_classes``-way one (numpy). The inner loop replaces the
+    head of θ0 by a fresh one for every task and reads only the old head's input width and dtype
+    (:func:`l3rs.models.fresh_head`), so this changes no result; it gives every θ0 of a shared loop the same shapes
+    (a checkpoint pretrained on 360 classes and one pretrained on 5 would otherwise compile twice)."""
+    import jax
+
+    from l3rs.models import fresh_head
+
+    params = fresh_head(variables["params"], jax.random.key(0), num_classes, head)
+    return jax.tree.map(np.asarray, {**variables, "params": params})
 
 
 def labels_only(pool: TaskPool) -> TaskPool:

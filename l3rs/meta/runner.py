@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from l3rs.config import Config
 from l3rs.meta.inner import InnerLoop, learned_optimizer_fn
-from l3rs.meta.mixture import labels_only, loop_key, merge_pools, place_task, task_sources
+from l3rs.meta.mixture import labels_only, loop_key, merge_pools, place_task, task_sources, with_task_head
 from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
 
 __all__ = ["TaskRunner", "task_distribution", "load_theta0", "initial_meta", "model_for", "model_shapes"]
@@ -85,6 +85,19 @@ def initial_meta(cfg: Config):
     return cfg.optimizer.init(shapes["params"], jax.random.key(cfg.run.seed))
 
 
+class _Slot(NamedTuple):
+    """How a runner evaluates one task source: sample from ``dist`` over ``pool`` (labels suffice), run ``loop``
+    from ``variables0`` (None: the loop's own θ0) with the task's indices shifted by ``offset`` into the loop's
+    merged pool and padded to ``rows`` batch rows (:func:`l3rs.meta.mixture.place_task`)."""
+
+    dist: TaskDistribution
+    pool: Any
+    loop: InnerLoop
+    variables0: Any
+    offset: tuple[int, int]
+    rows: int
+
+
 class TaskRunner:
     """Evaluates candidate meta-parameter vectors (ψ for L3RS) on meta-training tasks.
 
@@ -119,7 +132,7 @@ class TaskRunner:
             head=cfg.model.head,
         )
         self.loops = [self.loop]
-        self._slots = [(self.dist, self.pool, self.loop, None, (0, 0), cfg.task.k_max)]
+        self._slots = [_Slot(self.dist, self.pool, self.loop, None, (0, 0), cfg.task.k_max)]
         self.setup_seconds = time.perf_counter() - start
 
     def _init_mixture(self, stage: str, vmap_candidates: bool) -> None:
@@ -133,6 +146,7 @@ class TaskRunner:
         theta0s, metas = [], []
         for s in self.sources:
             variables0, meta = load_theta0(s.config, field=f"task.sources[{s.index}].checkpoint")
+            variables0 = with_task_head(variables0, s.config.task.num_classes, s.config.model.head)
             theta0s.append(jax.device_put(variables0))
             metas.append(meta)
         self.theta0_meta = metas[0]
@@ -140,7 +154,7 @@ class TaskRunner:
         for s in self.sources:
             groups.setdefault(loop_key(s.config), []).append(s.index)
         self.loops = []
-        slots: list[Any] = [None] * len(self.sources)
+        slots: list[_Slot | None] = [None] * len(self.sources)
         for members in groups.values():
             first = self.sources[members[0]].config
             pool, offsets = merge_pools([pools[i] for i in members])
@@ -158,10 +172,10 @@ class TaskRunner:
             self.loops.append(loop)
             for i, offset in zip(members, offsets, strict=True):
                 # The loop holds the images on its device; tasks are sampled from the labels alone.
-                slots[i] = (dists[i], labels_only(pools[i]), loop, theta0s[i], offset, rows)
+                slots[i] = _Slot(dists[i], labels_only(pools[i]), loop, theta0s[i], offset, rows)
             del pool
-        self._slots = slots
-        self.dist, self.pool, self.loop = dists[0], slots[0][1], slots[0][2]
+        self._slots = [slot for slot in slots if slot is not None]
+        self.dist, self.pool, self.loop = dists[0], self._slots[0].pool, self._slots[0].loop
 
     @property
     def compiles(self) -> int:
