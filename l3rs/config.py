@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -30,6 +31,7 @@ __all__ = [
     "WorkersSection",
     "EvaluateSection",
     "ConfigError",
+    "SOURCE_FIELDS",
     "load_config",
     "config_from_dict",
 ]
@@ -207,6 +209,14 @@ class TaskSection:
     k_max: int = 100
     train_scope: str = "all"  # "all" | "head"
     truncation_prob: float = 0.0  # chance a task runs fewer steps than the K the optimizer is told (l3rs.meta.tasks)
+    # [[task.sources]]: meta-train on a mixture of task sources (l3rs.meta.mixture; keys: SOURCE_FIELDS). Empty: the
+    # one distribution of [data], [model] and this section, exactly as without the field.
+    sources: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, str | dict) or not hasattr(self.sources, "__iter__"):
+            raise ConfigError(f"task.sources: expected an array of tables ([[task.sources]]), got {self.sources!r}.")
+        object.__setattr__(self, "sources", tuple(self.sources))
 
     def validate(self) -> None:
         _positive("task.num_classes", self.num_classes)
@@ -222,6 +232,54 @@ class TaskSection:
             raise ConfigError(f'task.train_scope: {self.train_scope!r} must be "all" or "head".')
         if not 0.0 <= self.truncation_prob <= 1.0:
             raise ConfigError(f"task.truncation_prob: must lie in [0, 1], got {self.truncation_prob}.")
+        self._validate_sources()
+
+    def _validate_sources(self) -> None:
+        """Each ``[[task.sources]]`` table: known keys of the right types, a positive weight, a unique name (what
+        needs the dataset, e.g. class counts, is checked by :meth:`Config.source_config`)."""
+        names: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            prefix = f"task.sources[{i}]"
+            if not isinstance(source, dict):
+                raise ConfigError(f"{prefix}: expected a table (a [[task.sources]] entry), got {source!r}.")
+            unknown = sorted(set(source) - set(SOURCE_FIELDS))
+            if unknown:
+                raise ConfigError(f"{prefix}.{unknown[0]}: unknown field; known fields: {sorted(SOURCE_FIELDS)}.")
+            for key, value in source.items():
+                _check_type(f"{prefix}.{key}", value, SOURCE_FIELDS[key])
+            weight = source.get("weight", 1.0)
+            if not math.isfinite(weight) or weight <= 0:  # its type was checked above
+                raise ConfigError(f"{prefix}.weight: must be > 0, got {weight!r}.")
+            name = source_name(source)
+            if not name.strip():
+                raise ConfigError(f"{prefix}.name: must be a non-empty string.")
+            if name in names:
+                raise ConfigError(
+                    f"{prefix}.name: {name!r} is also the name of task.sources[{names[name]}]; give each source a "
+                    "distinct name."
+                )
+            names[name] = i
+
+
+# The keys of a [[task.sources]] table and their types. `name` (default: the dataset's name) and `weight` (default 1)
+# are the source's own; `checkpoint` overrides model.checkpoint; the [data] keys override [data] (all of it when the
+# source names no `dataset`; a source with its own `dataset` starts from that dataset's preset); the [task] keys
+# override [task].
+SOURCE_TASK_FIELDS = ("num_classes", "batch_size", "eval_batch_size", "k_min", "k_max")
+SOURCE_DATA_FIELDS = ("dataset", "data_dir", "preset", "classes", "allow_overlap", "image_size", "train_split",
+                      "valid_split", "test_split")  # fmt: skip
+SOURCE_FIELDS: dict[str, Any] = {
+    "name": str,
+    "weight": float,
+    "checkpoint": str,
+    **{k: typing.get_type_hints(DataSection)[k] for k in SOURCE_DATA_FIELDS},
+    **{k: int for k in SOURCE_TASK_FIELDS},
+}
+
+
+def source_name(source: dict[str, Any]) -> str:
+    """A ``[[task.sources]]`` table's name: its ``name``, else its ``dataset``, else ``"data"`` (the [data] one)."""
+    return str(source.get("name", source.get("dataset", "data")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +293,7 @@ class NESSection:
     decay_factor: float = 0.5
     weight_decay: float = 0.0
     noise: str = "sequential"  # l3rs.meta.nes.NOISE_MODES: "per_pair"/"table" for large populations/ψ (issue 14)
+    fitness: str = "loss"  # "loss": −mean eval loss (paper §2); "log_loss": −mean log (scale-free; l3rs.meta.mixture)
 
     def validate(self) -> None:
         if not isinstance(self.population_size, int) or self.population_size < 2 or self.population_size % 2:
@@ -252,6 +311,8 @@ class NESSection:
             raise ConfigError(f"nes.weight_decay: must be >= 0, got {self.weight_decay}.")
         if self.noise not in ("sequential", "per_pair", "table"):
             raise ConfigError(f'nes.noise: must be "sequential", "per_pair" or "table", got {self.noise!r}.')
+        if self.fitness not in ("loss", "log_loss"):
+            raise ConfigError(f'nes.fitness: must be "loss" or "log_loss", got {self.fitness!r}.')
 
     def nes_config(self):
         """The pure NES strategy config (l3rs.meta.nes.NESConfig)."""
@@ -352,13 +413,7 @@ class Config:
                 section.validate()
         # Cross-field checks that need the dataset's class split.
         spec = self.data.spec()
-        for split_name in ("meta_train_classes", "meta_test_classes"):
-            available = len(getattr(spec, split_name))
-            if self.task.num_classes > available:
-                raise ConfigError(
-                    f"task.num_classes: {self.task.num_classes}-way tasks need more classes than "
-                    f"{self.data.dataset}'s {split_name} has ({available})."
-                )
+        self._check_task_classes(spec)
         if self.evaluate.k_grid[-1] <= self.task.k_max:
             raise ConfigError(
                 f"evaluate.k_grid: must reach beyond task.k_max = {self.task.k_max} (generalisation past the "
@@ -366,7 +421,44 @@ class Config:
             )
         if not self.model.is_preset:
             self._check_model(spec)
+        for i in range(len(self.task.sources)):
+            self.source_config(i)
         return self
+
+    def _check_task_classes(self, spec: Any) -> None:
+        for split_name in ("meta_train_classes", "meta_test_classes"):
+            available = len(getattr(spec, split_name))
+            if self.task.num_classes > available:
+                raise ConfigError(
+                    f"task.num_classes: {self.task.num_classes}-way tasks need more classes than "
+                    f"{self.data.dataset}'s {split_name} has ({available})."
+                )
+
+    def source_config(self, index: int) -> Config:
+        """The run as if ``[[task.sources]]`` entry ``index`` were its only task distribution: [data], [task] and
+        ``model.checkpoint`` overridden by the source's fields (see :data:`SOURCE_FIELDS`), no sources of its own.
+
+        Raises ConfigError naming ``task.sources[index].<field>`` for a source whose dataset, classes or sizes do not
+        work (the [evaluate] and other sections are the run's and are not re-checked).
+        """
+        source = self.task.sources[index]
+        prefix = f"task.sources[{index}]"
+        data_values = {k: source[k] for k in SOURCE_DATA_FIELDS if k in source}
+        task_values = {k: source[k] for k in SOURCE_TASK_FIELDS if k in source}
+        try:
+            data = DataSection(**data_values) if "dataset" in source else dataclasses.replace(self.data, **data_values)
+            task = dataclasses.replace(self.task, sources=(), **task_values)
+            model = dataclasses.replace(self.model, checkpoint=source.get("checkpoint", self.model.checkpoint))
+            cfg = dataclasses.replace(self, data=data, task=task, model=model)
+            data.validate()
+            task.validate()
+            spec = data.spec()
+            cfg._check_task_classes(spec)
+            if not model.is_preset:
+                cfg._check_model(spec)
+        except ConfigError as e:
+            raise ConfigError(_source_message(str(e), prefix)) from None
+        return cfg
 
     def _check_model(self, spec: Any) -> None:
         """A custom model (or head) is built and traced (shapes only) on the dataset's images: options that the
@@ -441,6 +533,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _source_message(message: str, prefix: str) -> str:
+    """A [data]/[task] error of a source's derived config, re-addressed to the source's own field."""
+    if message.startswith(("data.", "task.")):
+        return re.sub(r"(?<![\w.])(data|task)\.(?=\w)", prefix + ".", message)
+    return f"{prefix}: {message}"
 
 
 def _asdict(section: Any) -> dict[str, Any]:

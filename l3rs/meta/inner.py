@@ -197,7 +197,7 @@ class InnerLoop:
 
     # ------------------------------------------------------------------------------------------------------------
     def run_arrays(
-        self, opt_params: Any, task: Task, num_steps: int | None = None, eval_at: Any = ()
+        self, opt_params: Any, task: Task, num_steps: int | None = None, eval_at: Any = (), *, variables0: Any = None
     ) -> dict[str, jax.Array]:
         """Runs one task (asynchronously dispatched).
 
@@ -209,6 +209,8 @@ class InnerLoop:
           eval_at: step counts after which to also evaluate (``curve_loss``/``curve_accuracy`` in the result): one
             run of a K-independent optimizer (constant-LR Adam) then serves every K of a grid. Each distinct length
             of ``eval_at`` compiles once.
+          variables0: another θ0 of the same shapes to start from (a task mixture's sources share this loop,
+            ``l3rs.meta.mixture``); None = the loop's own.
         """
         k = task.num_steps if num_steps is None else num_steps
         if not 0 <= k <= task.train_idx.shape[0]:
@@ -217,7 +219,7 @@ class InnerLoop:
         eval_at = np.asarray(eval_at, np.int32).reshape(-1)
         return self._jitted(
             opt_params,
-            self._variables0,
+            self._variables0 if variables0 is None else variables0,
             self._train_images,
             self._eval_images,
             task.train_idx,
@@ -231,8 +233,8 @@ class InnerLoop:
         )
 
     def __call__(
-        self, opt_params: Any, task: Task, num_steps: int | None = None, eval_at: Any = ()
+        self, opt_params: Any, task: Task, num_steps: int | None = None, eval_at: Any = (), *, variables0: Any = None
     ) -> dict[str, np.ndarray]:
         """Runs one task and returns numpy results: eval ``loss``, ``accuracy`` and the last ``train_loss``."""
-        out = self.run_arrays(opt_params, task, num_steps, eval_at)
+        out = self.run_arrays(opt_params, task, num_steps, eval_at, variables0=variables0)
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}

@@ -9,7 +9,9 @@ It holds the NES state in numpy and, every generation:
    numbers), every pair on every task of the meta-batch; cost hint = the task's K, so units go longest first;
 3. runs them on the elastic worker pool; the generation completes only when every unit has a result, keyed by
    unit, so which worker ran a unit, or how often it was retried, cannot change the outcome;
-4. fitness of a candidate = −mean eval loss over the meta-batch (paper §2; NaN ranks worst), NES step;
+4. fitness of a candidate = −mean eval loss over the meta-batch (paper §2; NaN ranks worst; ``nes.fitness``), NES
+   step. A task mixture (``[[task.sources]]``, :mod:`l3rs.meta.mixture`) draws each meta-batch slot's source from
+   its own seed stream; its units carry the source;
 5. writes history, metrics, plots, and every ``checkpoint_every`` generations an atomic checkpoint and the ψ artifact.
 
 A run is ``<storage>/<run name>/``; starting ``l3rs train`` again with the same name resumes from its last good
@@ -30,7 +32,7 @@ import numpy as np
 from l3rs import storage
 from l3rs.checkpoint import load_latest_checkpoint, save_checkpoint
 from l3rs.config import Config
-from l3rs.meta import nes
+from l3rs.meta import mixture, nes
 from l3rs.meta.runner import initial_meta, task_distribution
 from l3rs.meta.tasks import task_header, task_seed
 
@@ -61,11 +63,15 @@ def resolve_paths(cfg: Config) -> Config:
             return uri
         return os.path.abspath(os.path.expanduser(uri))
 
+    sources = tuple(
+        {**s, "checkpoint": absolute(s["checkpoint"])} if "checkpoint" in s else s for s in cfg.task.sources
+    )
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, storage=absolute(cfg.run.storage)),
         model=dataclasses.replace(cfg.model, checkpoint=absolute(cfg.model.checkpoint)),
         pretrain=dataclasses.replace(cfg.pretrain, output=absolute(cfg.pretrain.output)),
+        **({"task": dataclasses.replace(cfg.task, sources=sources)} if sources else {}),
     )
 
 
@@ -74,12 +80,19 @@ def run_dir_for(cfg: Config) -> str:
 
 
 def make_units(
-    nes_cfg: nes.NESConfig, generation: int, seed: int, mean_ref: Any, task_seeds: list[int], costs: list[float]
+    nes_cfg: nes.NESConfig,
+    generation: int,
+    seed: int,
+    mean_ref: Any,
+    task_seeds: list[int],
+    costs: list[float],
+    sources: list[int] | None = None,
 ) -> list[Any]:
     """One unit per (antithetic pair, task). A unit carries no ψ vector, only how to rebuild its pair
     (:func:`l3rs.meta.nes.pair_candidates`): ``mean`` (the generation's mean, put in Ray's object store once per
     generation by the driver: ``mean_ref``), ``sigma``, ``noise``, ``noise_seed``, ``generation``, ``pair``, and
-    the ``task_seed``. So dispatch costs O(1) bytes per unit whatever the size of ψ (issue 14)."""
+    the ``task_seed``. So dispatch costs O(1) bytes per unit whatever the size of ψ (issue 14). In a task mixture,
+    ``sources[j]`` (:func:`l3rs.meta.mixture.slot_sources`) is the task source of slot j, carried as ``source``."""
     from l3rs.service.pool import WorkUnit
 
     sigma = nes.sigma_at(nes_cfg, generation)
@@ -88,6 +101,8 @@ def make_units(
         for j, (ts, cost) in enumerate(zip(task_seeds, costs, strict=True)):
             payload = {"mean": mean_ref, "sigma": sigma, "noise": nes_cfg.noise, "noise_seed": seed,
                        "generation": generation, "pair": i, "task_seed": ts}  # fmt: skip
+            if sources is not None:
+                payload["source"] = int(sources[j])
             units.append(WorkUnit(key=(generation, i, j), payload=payload, cost=float(cost)))
     return units
 
@@ -106,6 +121,8 @@ class Driver:
         self.progress = progress
         self.nes_cfg = self.cfg.nes.nes_config()
         self.dist = task_distribution(self.cfg)
+        self.sources = mixture.task_sources(self.cfg)  # () unless [[task.sources]]: a task mixture
+        self.source_dists = [task_distribution(s.config) for s in self.sources]
         # Progress, for the line a stopped run prints (l3rs.cli): generations completed, and those in the newest
         # checkpoint (None: no checkpoint yet; a rerun starts from the beginning).
         self.generation = 0
@@ -182,14 +199,53 @@ class Driver:
                 "accuracy_mean": last.get("accuracy_mean"),
                 "nes": dataclasses.asdict(self.cfg.nes),
                 "seed": self.cfg.run.seed,
+                **({"task_sources": self._sources_meta()} if self.sources else {}),
             },
         )
+
+    def _sources_meta(self) -> list[dict[str, Any]]:
+        """What the artifact records of a task mixture: each source's data, classes, θ0, task shape and weight."""
+        return [
+            {
+                "name": s.name,
+                "weight": s.weight,
+                "dataset": s.config.data.dataset,
+                "meta_train_classes": list(s.config.data.spec().meta_train_classes),
+                "model_checkpoint": s.config.model.checkpoint,
+                "num_classes": s.config.task.num_classes,
+                "k_range": [s.config.task.k_min, s.config.task.k_max],
+                "batch_size": s.config.task.batch_size,
+                "eval_batch_size": s.config.task.eval_batch_size,
+            }
+            for s in self.sources
+        ]
+
+    def slot_sources(self, generation: int) -> list[int] | None:
+        """The task source of each meta-batch slot of ``generation`` (None: no task mixture)."""
+        if not self.sources:
+            return None
+        weights = [s.weight for s in self.sources]
+        return mixture.slot_sources(self.cfg.run.seed, generation, self.cfg.nes.meta_batch_size, weights)
 
     def _units(self, generation: int, mean_ref: Any) -> list[Any]:
         b = self.cfg.nes.meta_batch_size
         seeds = [task_seed(self.cfg.run.seed, generation, j) for j in range(b)]
-        costs = [task_header(s, self.dist)[1] for s in seeds]
-        return make_units(self.nes_cfg, generation, self.cfg.run.seed, mean_ref, seeds, costs)
+        sources = self.slot_sources(generation)
+        if sources is None:
+            costs = [task_header(s, self.dist)[1] for s in seeds]
+        else:
+            costs = [task_header(s, self.source_dists[src])[1] for s, src in zip(seeds, sources, strict=True)]
+        return make_units(self.nes_cfg, generation, self.cfg.run.seed, mean_ref, seeds, costs, sources)
+
+    def _source_stats(self, sources: list[int], losses: np.ndarray, accs: np.ndarray) -> dict[str, Any]:
+        out = {}
+        for s in self.sources:
+            cols = [j for j, src in enumerate(sources) if src == s.index]
+            with np.errstate(invalid="ignore"):
+                loss = float(np.nanmean(losses[:, cols])) if cols and np.isfinite(losses[:, cols]).any() else None
+                acc = float(np.nanmean(accs[:, cols])) if cols and np.isfinite(accs[:, cols]).any() else None
+            out[s.name] = {"tasks": len(cols), "loss_mean": loss, "accuracy_mean": acc}
+        return out
 
     def make_pool(self) -> Any:
         """The elastic pool of :class:`~l3rs.service.worker.MetaWorker` actors this run's config asks for."""
@@ -253,10 +309,9 @@ class Driver:
                     assert g == gen
                     losses[2 * i : 2 * i + 2, j] = r["loss"]
                     accs[2 * i : 2 * i + 2, j] = r["accuracy"]
-                # Fitness = −mean eval loss over the meta-batch (paper §2). NaN/inf ⇒ ranked worst by NES.
-                with np.errstate(invalid="ignore"):
-                    fitness = -losses.mean(axis=1)
-                fitness = np.where(np.isfinite(fitness), fitness, np.nan)
+                # Fitness = −mean eval loss over the meta-batch (paper §2), or with nes.fitness = "log_loss" −mean log
+                # eval loss (scale-free across task sources, l3rs.meta.mixture). NaN/inf ⇒ ranked worst by NES.
+                fitness = mixture.fitness(losses, self.cfg.nes.fitness)
                 state, info = nes.tell_seeded(self.nes_cfg, state, self.cfg.run.seed, fitness)  # O(D) memory
                 self.generation = int(state.generation)
                 seconds = time.perf_counter() - start
@@ -279,6 +334,8 @@ class Driver:
                     "retries": stats["retries"],
                     "worker_failures": stats["failures"],
                 }
+                if self.sources:  # per source: how many slots drew it, and its mean eval loss and accuracy
+                    row["sources"] = self._source_stats(self.slot_sources(gen), losses, accs)
                 history.append(row)
                 metrics.set(
                     generation=row["generations_completed"],

@@ -9,7 +9,9 @@ Checks:
 - ``run.storage`` (and ``pretrain.output`` before pretraining): a known scheme and writable. A local folder is
   checked without creating it (a probe file in its nearest existing ancestor, removed at once); an object store gets
   a probe object that is deleted again.
-- ``model.checkpoint`` holds a pretrained checkpoint (unless ``"random"``).
+- ``model.checkpoint`` holds a pretrained checkpoint (unless ``"random"``); so does every task source's
+  ``task.sources[i].checkpoint`` of a task mixture, fitting the model on that source's images and N-way, and every
+  source's model has the layers ψ is made for.
 - resuming: a run of the same name that exists with a different config is refused, naming every differing field.
 - ``workers.resources``: some node of the cluster (or a node type its autoscaler can add) can hold one worker.
 """
@@ -97,15 +99,36 @@ def check_location(uri: str, field: str) -> None:
 
 
 def check_checkpoint(cfg: Config) -> None:
-    """``model.checkpoint`` is ``"random"`` or a θ0 that exists, is readable and fits the model."""
-    if cfg.model.checkpoint == "random":
-        return
+    """``model.checkpoint`` is ``"random"`` or a θ0 that exists, is readable and fits the model; likewise each task
+    source's θ0 (``task.sources[i].checkpoint``), and each source's model has the layer paths of ψ."""
     from l3rs.meta.runner import load_theta0
 
-    try:  # exists, is a θ0 format we read, and fits the model's shapes
-        load_theta0(cfg)
-    except (OSError, ValueError) as e:
-        raise PreflightError(str(e)) from None
+    if cfg.model.checkpoint != "random":
+        try:  # exists, is a θ0 format we read, and fits the model's shapes
+            load_theta0(cfg)
+        except (OSError, ValueError) as e:
+            raise PreflightError(str(e)) from None
+    if not cfg.task.sources:
+        return
+    from l3rs.meta.mixture import task_sources
+    from l3rs.meta.runner import model_shapes
+    from l3rs.optim import layer_paths
+
+    paths = layer_paths(model_shapes(cfg)["params"])
+    for s in task_sources(cfg):
+        field = f"task.sources[{s.index}].checkpoint"
+        if layer_paths(model_shapes(s.config)["params"]) != paths:
+            raise PreflightError(
+                f"task.sources[{s.index}]: model {cfg.model.name!r} on this source's images has other layers than "
+                "on [data]'s, so one ψ cannot serve both; use sources whose images the model maps to the same layers."
+            )
+        if s.config.model.checkpoint == "random":
+            continue
+        try:
+            load_theta0(s.config, field=field)
+        except (OSError, ValueError) as e:
+            msg = str(e).removeprefix("model.checkpoint: ")  # read_theta0 names the plain run's field
+            raise PreflightError(msg if msg.startswith(field) else f"{field}: {msg}") from None
 
 
 def resume_differences(cfg: Config, run_dir: str) -> list[tuple[str, Any, Any]]:

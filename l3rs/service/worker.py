@@ -66,8 +66,10 @@ class MetaWorker:
             "cores": self.cores,
             "shared_core": is_shared(),
             "setup_seconds": self.runner.setup_seconds,
+            "inner_loops": len(self.runner.loops),
         }
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         rebalance()  # started on a shared core (all were taken)? move to one freed since: same numbers (l3rs.cpu)
-        return self.runner.evaluate(unit_candidates(payload), payload["task_seed"])
+        # "source": the unit's task source in a task mixture (l3rs.meta.mixture); absent in a plain run.
+        return self.runner.evaluate(unit_candidates(payload), payload["task_seed"], payload.get("source", 0))
