@@ -28,6 +28,8 @@ from l3rs import storage
 from l3rs.optim import Direction, family_from_dict, layer_paths
 
 __all__ = [
+    "USE_TIME_OPTIONS",
+    "with_options",
     "FORMAT",
     "ARTIFACT_FILES",
     "ArtifactExistsError",
@@ -119,6 +121,7 @@ def load(
     params: Any = None,
     *,
     directions: tuple[str | Direction, ...] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """A ready optimizer from a trained artifact (L3RS, or whichever learned-optimizer family it holds).
 
@@ -127,6 +130,8 @@ def load(
       total_steps: K, your planned number of steps, an integer >= 1 (0, negatives and non-integers raise
         ValueError); the artifact's ``k_range`` says what it was meta-trained on.
       params: optional; if given, refuse now (not at the first update) a model whose layers ψ does not know.
+      options: L3RS options that change how a trained ψ is used, not what it is (:data:`USE_TIME_OPTIONS`), e.g.
+        ``{"absolute_time_k_max": 100}`` for a run longer than any meta-training task; other keys raise ValueError.
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int | np.integer) or total_steps < 1:
         raise ValueError(
@@ -134,6 +139,8 @@ def load(
             f"got {total_steps!r}."
         )
     psi, config, meta = load_psi(uri, directions=directions)
+    if options:
+        config = with_options(config, options)
     if params is not None and getattr(psi, "layer_paths", None) is not None:
         known = set(psi.layer_paths)
         missing = [p for p in layer_paths(params) if p not in known]
@@ -144,6 +151,24 @@ def load(
                 f"The artifact knows {len(known)} layers such as {list(psi.layer_paths[:3])}."
             )
     return config.build(psi, total_steps)
+
+
+# Options of an L3RS config that a trained ψ can be used with whatever it was meta-trained with (issue 11's stability
+# options): they change the features or the step it produces, not the meta-parameters' structure.
+USE_TIME_OPTIONS = ("absolute_time_k_max", "past_horizon", "lambda_max_adam_ratio")
+
+
+def with_options(config: Any, options: dict[str, Any]) -> Any:
+    """``config`` with :data:`USE_TIME_OPTIONS` replaced (validated as the config validates them)."""
+    import dataclasses
+
+    bad = sorted(set(options) - set(USE_TIME_OPTIONS))
+    if bad or config.family != "l3rs":
+        raise ValueError(
+            f"options: {bad or sorted(options)} cannot be changed on a trained {config.family} ψ; "
+            f"L3RS allows {list(USE_TIME_OPTIONS)}."
+        )
+    return dataclasses.replace(config, **options)
 
 
 def copy_artifact(src: str, dst: str, *, force: bool = False) -> dict[str, Any]:

@@ -314,3 +314,37 @@ def test_a_truncated_task_runs_k_steps_with_the_optimizer_told_its_horizon():
     untruncated = float(jax.device_get(loop.run_arrays(jnp.float32(1e-2), task, num_steps=task.num_steps))["loss"])
     assert abs(untruncated - got) > 1e-4  # told K = steps run: a different schedule
     assert loop.compiles == 1
+
+
+def test_use_time_options_on_a_trained_psi(tmp_path):
+    """``l3rs.load(..., options=)`` and jobs/stability/with_options.py change only the use-time options; ψ and its
+    checksum stay, the derived artifact says where it came from, and structural fields are refused by name."""
+    import subprocess
+    import sys
+
+    from l3rs.artifact import load_psi, save_artifact
+
+    params = _tree(0)
+    config = paper_config()
+    psi = l3rs.init_psi(config, params, jax.random.key(0))
+    save_artifact(str(tmp_path / "psi"), psi, config, {"run_name": "r"})
+    tx = l3rs.load(str(tmp_path / "psi"), total_steps=500, options={"absolute_time_k_max": 100})
+    assert hasattr(tx, "init") and hasattr(tx, "update")
+    with pytest.raises(ValueError, match="hidden_sizes.*absolute_time_k_max"):
+        l3rs.load(str(tmp_path / "psi"), total_steps=10, options={"hidden_sizes": (8,)})
+    with pytest.raises(ValueError, match="absolute_time_k_max"):
+        l3rs.load(str(tmp_path / "psi"), total_steps=10, options={"absolute_time_k_max": 0})
+    script = os.path.join(ROOT, "jobs", "stability", "with_options.py")
+    run = subprocess.run([sys.executable, script, str(tmp_path / "psi"), str(tmp_path / "capped"),
+                          "absolute_time_k_max=100", "past_horizon=clamp"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    got, derived, meta = load_psi(str(tmp_path / "capped"))
+    assert (derived.absolute_time_k_max, derived.past_horizon) == (100, "clamp")
+    assert dataclasses.replace(derived, absolute_time_k_max=None, past_horizon="extrapolate") == config
+    _, _, src_meta = load_psi(str(tmp_path / "psi"))
+    assert meta["sha256"] == src_meta["sha256"] and meta["derived_from"]["sha256"] == src_meta["sha256"]
+    assert meta["label"] == "L3RS (r, absolute_time_k_max=100, past_horizon=clamp)"
+    assert not os.path.isabs(meta["derived_from"]["artifact"])
+    args = [sys.executable, script, str(tmp_path / "psi"), str(tmp_path / "capped"), "past_horizon=clamp"]
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 2 and "already there" in again.stderr
