@@ -272,7 +272,7 @@ def prepare_chunk(task: ChunkTask) -> dict[str, Any]:
         done = json.loads(storage.read_bytes(marker))
         if all(_verified(_part(task.uri, task.split, task.index, k + ".npy"), done[k]) for k in ("images", "labels")):
             return {**done, "skipped": True}
-    builder = tfds_builder(task.dataset, task.data_dir, task.download, task.offline)
+    builder = _builder(task.dataset, task.data_dir, task.download, task.offline)
     images, labels = [], []
     for a in range(task.start, task.stop, DECODE_BATCH):
         img, lab = read_records(builder, task.split, a, min(a + DECODE_BATCH, task.stop), keep=task.classes,
@@ -297,6 +297,11 @@ def prepare_chunk(task: ChunkTask) -> dict[str, Any]:
     }
     storage.write_bytes_atomic(marker, json.dumps(done).encode())
     return {**done, "skipped": False}
+
+
+@functools.lru_cache(maxsize=4)
+def _builder(name: str, data_dir: str | None, download: bool, offline: bool) -> Any:
+    return tfds_builder(name, data_dir, download, offline)
 
 
 def _read_part(uri: str) -> np.ndarray:
