@@ -49,15 +49,14 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from l3rs import storage
 from l3rs.data.records import ArraySplit, parse_split, read_records, split_bounds, tfds_builder
 
-if TYPE_CHECKING:
-    from l3rs.data import DatasetSpec
+DatasetSpec = Any  # an l3rs.data.DatasetSpec (not imported: l3rs.data imports this module)
 
 __all__ = [
     "FORMAT",
