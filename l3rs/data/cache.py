@@ -48,6 +48,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -661,7 +662,8 @@ def load_shared(
 
     The first process to ask writes the file (under a file lock, from shards whose checksums it verifies; atomically:
     written under a temporary name, then renamed); the others wait for it and map it. None for a request the default
-    cache does not serve (as :func:`load`).
+    cache does not serve (as :func:`load`). Pool files unused for ``NODE_CACHE_KEEP_S`` (3 days) are removed when a
+    new one is written.
     """
     if not _servable(spec, split, classes):
         return load(spec, split, classes=classes, data_dir=data_dir, download=download)  # None, or CacheError
@@ -674,12 +676,34 @@ def load_shared(
         from filelock import FileLock
 
         os.makedirs(folder, exist_ok=True)
+        _prune(folder)
         with FileLock(os.path.join(folder, f"{key}.lock")):
             if not os.path.exists(images_path):
                 _write_pool(cache, split, classes, folder, images_path, labels_path)
+    else:
+        os.utime(images_path)  # in use: kept by _prune
     images = np.load(images_path, mmap_mode="r")
     labels = np.load(labels_path)
     return ArraySplit(images.view(np.ndarray), labels)
+
+
+NODE_CACHE_KEEP_S = 3 * 24 * 3600
+"""Node pool files unused for this long are removed when another one is written (processes that still map one keep
+their mapping: Linux frees the file's pages when the last mapping goes)."""
+
+
+def _prune(folder: str) -> None:
+    cutoff = time.time() - NODE_CACHE_KEEP_S
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".images.npy"):
+            try:
+                if os.path.getmtime(path) < cutoff:
+                    key = name.removesuffix(".images.npy")
+                    for suffix in (".images.npy", ".labels.npy", ".lock"):
+                        os.unlink(os.path.join(folder, key + suffix))
+            except OSError:  # another process pruned or is writing it
+                pass
 
 
 def _write_pool(cache: DataCache, split: str, classes: Sequence[int], folder: str, images_path: str,
