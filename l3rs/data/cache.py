@@ -427,9 +427,9 @@ def prepare(
     split_records = {}
     for split in ident["splits"]:
         info = builder.info.splits[split]
-        n = int(info.num_examples)
+        n = len(builder.as_data_source(split=split))  # what the source holds (also under tfds's mock_data)
         split_records[split] = n
-        lengths = [int(x) for x in (getattr(info, "shard_lengths", None) or [])]
+        lengths = [int(x) for x in (getattr(info, "shard_lengths", None) or [])]  # used only if they sum to n
         for i, (a, b) in enumerate(_chunk_bounds(n, lengths, max(1, int(chunk_records)))):
             chunk_tasks.append(ChunkTask(uri, spec.name, data_dir, download, spec.offline, tuple(spec.image_shape),
                                          classes, split, i, a, b))  # fmt: skip
@@ -585,8 +585,10 @@ class DataCache:
         class), in record order, written into ``allocate(n)`` (an ``[n, H, W, C]`` uint8 array)."""
         base, labels_all, positions, lo, hi = self._positions(split, classes)
         out = allocate(len(positions))
+        order = np.argsort(labels_all, kind="stable")  # record positions grouped by class, in record order
+        bounds = np.searchsorted(labels_all[order], np.arange(labels_all.max(initial=-1) + 2))
         for c in np.unique(labels_all[positions]):
-            rows = np.flatnonzero(labels_all == c)  # record positions of the shard's rows
+            rows = order[bounds[c] : bounds[c + 1]]  # record positions of the shard's rows
             a, b = np.searchsorted(rows, lo), np.searchsorted(rows, hi)
             out[np.searchsorted(positions, rows[a:b])] = self.class_images(base, int(c))[a:b]
         return ArraySplit(out, labels_all[positions].astype(np.int32))
