@@ -189,6 +189,8 @@ def cmd_submit(args) -> int:
         # the user will look.
         cfg = resolve_paths(cfg)
         sets += [f"run.storage={json.dumps(cfg.run.storage)}", f"model.checkpoint={json.dumps(cfg.model.checkpoint)}"]
+        if cfg.data.cache:
+            sets.append(f"data.cache={json.dumps(cfg.data.cache)}")
     _preflight_submit(cfg, address, local_head)
     # A head on this machine runs the job with this interpreter (its PATH may lack the venv: `python: not found`).
     python = sys.executable if local_head else "python"
@@ -317,7 +319,12 @@ def cmd_data_prepare(args) -> int:
 
     cfg = _load(args)
     spec = cfg.data.spec()
-    uri = cache.cache_uri(spec, cfg.data.data_dir or None)
+    data_dir = cfg.data.data_dir or None
+    if data_dir and storage.is_local(data_dir) and not data_dir.startswith("file://"):
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))  # Ray tasks run in other folders
+    uri = cache.cache_uri(spec, data_dir)
+    if storage.is_local(uri) and not uri.startswith("file://"):
+        uri = os.path.abspath(os.path.expanduser(uri))
     if not storage.is_local(uri):
         from l3rs.service.preflight import check_location
 
@@ -325,10 +332,13 @@ def cmd_data_prepare(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     map_fn = None
     if address and not args.local:
+        import ray
+
         from l3rs.service.dataprep import ray_map
         from l3rs.service.raycluster import connect
 
-        connect(address)
+        if not ray.is_initialized():
+            connect(address)
         map_fn = ray_map(pin_here=storage.is_local(uri))
     bar: dict[str, Any] = {}
 
@@ -345,7 +355,7 @@ def cmd_data_prepare(args) -> int:
             print(f"data prepare: {step} {done}/{total}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    result = cache.prepare(spec, uri, data_dir=cfg.data.data_dir or None, map_fn=map_fn, progress=progress,
+    result = cache.prepare(spec, uri, data_dir=data_dir, map_fn=map_fn, progress=progress,
                            chunk_records=args.chunk_records)  # fmt: skip
     m = result["manifest"]
     print(json.dumps({"cache": uri, "dataset": m["dataset"], "image_shape": m["image_shape"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 
 def _holder_class() -> type:
@@ -70,18 +69,20 @@ def test_two_workers_on_a_node_share_one_copy(ray_connected, tmp_path):
     ray.kill(b)
 
 
-@pytest.mark.parametrize("pin_here", [True])
-def test_prepare_runs_as_ray_tasks(ray_connected, tmp_path, pin_here):
-    """``l3rs data prepare`` inside a Ray job: the steps run as Ray tasks and write the same cache."""
+def test_prepare_runs_as_ray_tasks(ray_connected, tmp_path, capsys):
+    """``l3rs data prepare`` given a cluster (as inside a Ray job, where RAY_ADDRESS is set): the steps run as Ray
+    tasks and write the same shards as a prepare in one process."""
     import json
 
-    from l3rs import data
+    from l3rs import cli, data
     from l3rs.data import cache
-    from l3rs.service.dataprep import ray_map
 
-    spec = data.get_spec("sklearn_digits")
-    summary = cache.prepare(spec, str(tmp_path / "c"), chunk_records=400, map_fn=ray_map(pin_here=pin_here))
-    assert summary["written"] == 30
-    local = cache.prepare(spec, str(tmp_path / "d"), chunk_records=400)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[data]\ndataset = "sklearn_digits"\ncache = "{tmp_path / "c"}"\n')
+    argv = ["data", "prepare", "--config", str(config), "--address", ray_connected.address, "--chunk-records", "400"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ray"] and out["written"] == 30
+    local = cache.prepare(data.get_spec("sklearn_digits"), str(tmp_path / "d"), chunk_records=400)
     shards = lambda uri: json.load(open(os.path.join(uri, "manifest.json")))["shards"]  # noqa: E731
     assert shards(str(tmp_path / "c")) == shards(str(tmp_path / "d")) and local["written"] == 30
