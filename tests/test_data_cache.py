@@ -218,3 +218,17 @@ def test_cli_prepare_writes_and_resumes(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["already_complete"] and out["written"] == 0
     assert cli.main(["data", "verify", "--config", str(config)]) == 0
+
+
+def test_class_step_reads_only_its_rows_from_an_object_store(tmp_path):
+    """Step 2 reads a part's rows by byte range where the cache is not a local path (pyarrow's file system API, the
+    same calls as on s3:// or gs://)."""
+    from l3rs.data.cache_prepare import _PartReader
+
+    part = np.arange(7 * 4 * 4 * 3, dtype=np.uint8).reshape(7, 4, 4, 3)
+    np.save(tmp_path / "part.npy", part)
+    reader = _PartReader(f"file://{tmp_path / 'part.npy'}", local=False)
+    assert not reader.local
+    assert np.array_equal(reader.rows(2, 5), part[2:5]) and reader.rows(3, 3).shape == (0, 4, 4, 3)
+    assert np.array_equal(reader.rows(0, 7), part)
+    reader.close()

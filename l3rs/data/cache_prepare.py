@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -126,10 +127,33 @@ def _builder(name: str, data_dir: str | None, download: bool, offline: bool) -> 
     return tfds_builder(name, data_dir, download, offline)
 
 
-def _read_part(uri: str) -> np.ndarray:
-    if storage.is_local(uri):
-        return np.load(uri.removeprefix("file://"), mmap_mode="r")
-    return _from_npy(storage.read_bytes(uri))
+class _PartReader:
+    """Reads row ranges of a part's ``.npy``: a memory map for a local file, byte-range reads on an object store (so
+    each class group fetches only its own rows, not every part whole)."""
+
+    def __init__(self, uri: str, local: bool | None = None) -> None:
+        self.local = storage.is_local(uri) if local is None else local
+        if self.local:
+            self.array = np.load(uri.removeprefix("file://"), mmap_mode="r")
+            return
+        fs, path = storage._resolve(uri)  # noqa: SLF001 - the storage layer's own resolver
+        self.file = fs.open_input_file(path)
+        head = io.BytesIO(self.file.read_at(min(self.file.size(), 65536), 0))
+        version = np.lib.format.read_magic(head)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, _, self.dtype = reader(head)
+        self.offset = head.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        if self.local:
+            return np.array(self.array[a:b])
+        data = self.file.read_at((b - a) * self.row_bytes, self.offset + a * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(b - a, *self.shape[1:]).copy()
+
+    def close(self) -> None:
+        if not self.local:
+            self.file.close()
 
 
 def prepare_classes(task: ClassTask) -> dict[str, Any]:
@@ -152,12 +176,13 @@ def prepare_classes(task: ClassTask) -> dict[str, Any]:
         counts = {int(k): v for k, v in chunk["counts"].items()}
         if not any(c in counts for c in todo):
             continue
-        images = _read_part(_part(task.uri, task.split, chunk["index"], "images.npy"))
+        part = _PartReader(_part(task.uri, task.split, chunk["index"], "images.npy"))
         offset = 0
-        for c in sorted(counts):
+        for c in sorted(counts):  # the part's rows are sorted by class
             if c in rows:
-                rows[c].append(np.array(images[offset : offset + counts[c]]))
+                rows[c].append(part.rows(offset, offset + counts[c]))
             offset += counts[c]
+        part.close()
     for c in todo:
         images = np.concatenate(rows.pop(c)) if rows.get(c) else np.zeros((0, *task.image_shape), np.uint8)
         name = shard_name(task.split, c)
