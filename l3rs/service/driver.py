@@ -63,15 +63,17 @@ def resolve_paths(cfg: Config) -> Config:
             return uri
         return os.path.abspath(os.path.expanduser(uri))
 
-    sources = tuple(
-        {**s, "checkpoint": absolute(s["checkpoint"])} if "checkpoint" in s else s for s in cfg.task.sources
-    )
+    def source(s: dict) -> dict:  # a task-mixture source's own checkpoint and data cache
+        return {**s, **{k: absolute(s[k]) for k in ("checkpoint", "cache") if s.get(k)}}
+
+    sources = tuple(source(s) for s in cfg.task.sources)
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, storage=absolute(cfg.run.storage)),
         model=dataclasses.replace(cfg.model, checkpoint=absolute(cfg.model.checkpoint)),
         pretrain=dataclasses.replace(cfg.pretrain, output=absolute(cfg.pretrain.output)),
         **({"task": dataclasses.replace(cfg.task, sources=sources)} if sources else {}),
+        data=dataclasses.replace(cfg.data, cache=absolute(cfg.data.cache)) if cfg.data.cache else cfg.data,
     )
 
 
