@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11, part 3: the stability ablation on the glyphs benchmark, evaluated in settings A and B up to K = 5 × K_max.
-# Every run is the glyphs config with the demo's meta-training budget (100 generations, population 16, meta-batch 2, K ~ U[10, 100], seed 0) and one set of stability options;
-# docs/stability.md has the table these commands produced.
+# Every run is the glyphs config with the demo's meta-training budget (100 generations, population 16, meta-batch 2,
+# K ~ U[10, 100], seed 0) and one set of stability options; docs/stability.md has the table these commands produced.
 #
 #   make demo                                        # G2 (today's defaults) -> runs/demo/glyphs-default
 #   bash jobs/stability/ablation.sh [STORAGE]        # G0 (+ G1 with --with-g1), then the evaluation
