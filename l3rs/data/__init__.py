@@ -190,7 +190,8 @@ def _load_split(
         builder = tfds.builder(spec.name, data_dir=data_dir, file_format="array_record")
     source = builder.as_data_source(split=split)
     records = source.__getitems__(list(range(len(source))))
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    # (image, label), or (image, label, sample weight) as places365_small declares: the first two name the features.
+    image_key, label_key = (builder.info.supervised_keys or ("image", "label"))[:2]
     labels = np.asarray([r[label_key] for r in records], np.int64)
     images = _stack_images([r[image_key] for r in records], spec.image_shape)
     return images, labels
