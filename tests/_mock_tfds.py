@@ -260,7 +260,8 @@ def _cifar_sources(root: Path, rng: np.random.Generator) -> tuple[ToyClasses, di
     folder.mkdir(parents=True)
     (folder / "fine_label_names.txt").write_text("".join(f"fine{i}\n" for i in range(100)))
     (folder / "coarse_label_names.txt").write_text("".join(f"coarse{i}\n" for i in range(20)))
-    for name, per_class in (("train.bin", TRAIN_PER_CLASS), ("test.bin", VAL_PER_META_CLASS)):
+    # Twice the images: the config's validation batches are a slice of the train split ("train[75%:]" here).
+    for name, per_class in (("train.bin", 2 * TRAIN_PER_CLASS), ("test.bin", VAL_PER_META_CLASS)):
         rows = []
         for label in (*classes.pretrain, *classes.meta_train, *classes.meta_test):
             for _ in range(per_class):
