@@ -1,6 +1,7 @@
 """The ``l3rs`` command line.
 
-pretrain, train (the Ray job entrypoint), evaluate, demo, and for clusters submit / status / logs / stop / fetch.
+pretrain, train (the Ray job entrypoint), evaluate, demo, data prepare / verify (the dataset's class-indexed cache), and
+for clusters submit / status / logs / stop / fetch.
 
 Exit codes: 0 success; 1 the job or run failed; 2 bad input (config, arguments, a pre-flight check, an unknown job
 or run); 3 the cluster cannot be reached; 130 / 143 ``train`` stopped by SIGINT (Ctrl-C) / SIGTERM (``l3rs stop``),
@@ -157,6 +158,8 @@ def _preflight_submit(cfg, address: str, local_head: bool) -> None:
             preflight.check_resume(cfg, run_dir_for(cfg))
         if cfg.model.checkpoint != "random" and not storage.is_local(cfg.model.checkpoint):
             preflight.check_checkpoint(cfg)
+        if cfg.data.cache and not storage.is_local(cfg.data.cache):
+            preflight.check_data(cfg)
     nodes, autoscaling = cluster_nodes(address)
     if nodes:
         preflight.check_resources(dict(cfg.workers.resources), nodes, autoscaling=autoscaling)
@@ -186,6 +189,8 @@ def cmd_submit(args) -> int:
         # the user will look.
         cfg = resolve_paths(cfg)
         sets += [f"run.storage={json.dumps(cfg.run.storage)}", f"model.checkpoint={json.dumps(cfg.model.checkpoint)}"]
+        if cfg.data.cache:
+            sets.append(f"data.cache={json.dumps(cfg.data.cache)}")
     _preflight_submit(cfg, address, local_head)
     # A head on this machine runs the job with this interpreter (its PATH may lack the venv: `python: not found`).
     python = sys.executable if local_head else "python"
@@ -304,6 +309,72 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    """Writes the config's class-indexed cache (l3rs.data.cache): with Ray tasks when a cluster is given
+    (``--address`` or ``RAY_ADDRESS``, as inside a Ray job), else in this process."""
+    import time
+
+    from l3rs import storage
+    from l3rs.data import cache
+
+    cfg = _load(args)
+    spec = cfg.data.spec()
+    data_dir = cfg.data.data_dir or None
+    if data_dir and storage.is_local(data_dir) and not data_dir.startswith("file://"):
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))  # Ray tasks run in other folders
+    uri = cache.cache_uri(spec, data_dir)
+    if storage.is_local(uri) and not uri.startswith("file://"):
+        uri = os.path.abspath(os.path.expanduser(uri))
+    if not storage.is_local(uri):
+        from l3rs.service.preflight import check_location
+
+        check_location(uri, "data.cache")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    map_fn = None
+    if address and not args.local:
+        import ray
+
+        from l3rs.service.dataprep import ray_map
+        from l3rs.service.raycluster import connect
+
+        if not ray.is_initialized():
+            connect(address)
+        map_fn = ray_map(pin_here=storage.is_local(uri))
+    bar: dict[str, Any] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            if step not in bar:
+                bar[step] = tqdm(total=total, desc=f"data prepare: {step}", unit="task")
+            bar[step].update(done - bar[step].n)
+            if done == total:
+                bar[step].close()
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"data prepare: {step} {done}/{total}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    result = cache.prepare(spec, uri, data_dir=data_dir, map_fn=map_fn, progress=progress,
+                           chunk_records=args.chunk_records)  # fmt: skip
+    m = result["manifest"]
+    print(json.dumps({"cache": uri, "dataset": m["dataset"], "image_shape": m["image_shape"],
+                      "shards": result["shards"], "written": result["written"], "skipped": result["skipped"],
+                      "bytes": result["bytes"], "already_complete": result["already_complete"],
+                      "ray": map_fn is not None, "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
+    return 0
+
+
+def cmd_data_verify(args) -> int:
+    """Checks the config's cache: complete, for this config, every shard's sha256 (what pre-flight does for a run)."""
+    from l3rs.data import cache
+
+    cfg = _load(args)
+    spec = cfg.data.spec()
+    print(json.dumps(cache.verify(spec, cache.cache_uri(spec, cfg.data.data_dir or None))))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from l3rs.meta.evaluate import run_evaluation_cli
 
@@ -373,6 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
     p.set_defaults(func=cmd_demo)
 
+    data = sub.add_parser("data", help="the dataset's class-indexed cache: prepare once, verify")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = with_config(data_sub.add_parser("prepare", help="decode the config's dataset into its cache (data.cache)"))
+    p.add_argument(
+        "--address",
+        help="a Ray cluster's GCS address (default: RAY_ADDRESS, set inside a Ray job): run the work as Ray tasks "
+        "there; without either, run in this process",
+    )
+    p.add_argument("--local", action="store_true", help="run in this process even when RAY_ADDRESS is set")
+    p.add_argument(
+        "--chunk-records", type=int, default=10_000, help="records decoded per task (default 10000)", metavar="N"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_data_prepare)
+    p = with_config(data_sub.add_parser("verify", help="check the cache's manifest, class split and checksums"))
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_data_verify)
+
     p = with_config(sub.add_parser("submit", help="submit `l3rs train` as a Ray job"), required=True)
     p.add_argument("--address", help=DASHBOARD_HELP)
     p.add_argument("--pip", action="append", help="extra pip requirements for the job's runtime_env")
@@ -429,13 +518,15 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"l3rs {args.command}: {message}", file=sys.stderr, flush=True)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"l3rs {command}: {message}", file=sys.stderr, flush=True)
         return code
 
 
 def _describe_failure(e: BaseException, command: str) -> tuple[int | None, str]:
     """(exit code, one-line message) of a failure; (None, "") for SystemExit, which passes through."""
     from l3rs.config import ConfigError
+    from l3rs.data.cache import CacheError
     from l3rs.service.jobclient import ClusterUnreachable, JobNotFound
 
     if isinstance(e, SystemExit):
@@ -444,6 +535,8 @@ def _describe_failure(e: BaseException, command: str) -> tuple[int | None, str]:
         return e.code, str(e)
     if isinstance(e, ConfigError):  # pre-flight checks too
         return EXIT_BAD_INPUT, f"config error: {e}"
+    if isinstance(e, CacheError):  # a data cache that cannot serve the config (names the field or the shard)
+        return EXIT_BAD_INPUT, str(e)
     if isinstance(e, JobNotFound):
         return EXIT_BAD_INPUT, str(e)
     if isinstance(e, ClusterUnreachable):

@@ -71,6 +71,7 @@ class DataSection:
     train_split: str = ""  # tfds splits (slices allowed); default: the preset's, else from DatasetInfo
     valid_split: str = ""
     test_split: str = ""
+    cache: str = ""  # class-indexed cache (`l3rs data prepare`): path or s3:// gs:// URI; "" = local, made on first use
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, str) or not hasattr(self.image_size, "__iter__"):
@@ -79,7 +80,7 @@ class DataSection:
         object.__setattr__(self, "image_size", tuple(self.image_size))
 
     def validate(self) -> None:
-        for name in ("dataset", "data_dir", "preset", "train_split", "valid_split", "test_split"):
+        for name in ("dataset", "data_dir", "preset", "train_split", "valid_split", "test_split", "cache"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"data.{name}: expected a string, got {getattr(self, name)!r}.")
         if not isinstance(self.allow_overlap, bool):
@@ -107,7 +108,8 @@ class DataSection:
             [self.dataset, self.preset, self.classes, self.allow_overlap, list(self.image_size), self.train_split,
              self.valid_split, self.test_split, self.data_dir], sort_keys=True, default=str,
         )  # fmt: skip
-        return _resolve_spec_cached(key)
+        spec = _resolve_spec_cached(key)
+        return dataclasses.replace(spec, cache=self.cache) if self.cache else spec
 
 
 @functools.lru_cache(maxsize=32)

@@ -20,16 +20,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from l3rs.data import glyphs
+from l3rs.data.records import (
+    ArraySplit,
+    parse_split,
+    read_records,
+    resize,
+    split_bounds,
+    stack_images,
+    tfds_builder,
+)
 
-__all__ = ["ArraySplit", "DatasetSpec", "SPECS", "get_spec", "load", "normalize"]
+# Older names of the record helpers (l3rs.data.spec and tests use them).
+_parse_split, _resize, _stack_images = parse_split, resize, stack_images
+
+__all__ = ["ArraySplit", "DatasetSpec", "SPECS", "get_spec", "load", "load_shared", "normalize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,9 @@ class DatasetSpec:
       valid_split: tfds split of the eval batch during meta-training (paper: the validation split).
       test_split: tfds split of the eval batch at meta-test time and of the pretraining accuracy.
       offline: True when the data comes with a package (no download).
+      cache: where the class-indexed cache of this dataset lives (``data.cache``; :mod:`l3rs.data.cache`): a
+        local path or an ``s3://`` / ``gs://`` URI written by ``l3rs data prepare``, or "" for a local cache
+        next to the tfds data, prepared on first use. Not part of the dataset's identity (ignored by ``==``).
     """
 
     name: str
@@ -60,6 +73,7 @@ class DatasetSpec:
     valid_split: str = "validation"
     test_split: str = "test"
     offline: bool = False
+    cache: str = dataclasses.field(default="", compare=False)
 
     def __str__(self) -> str:
         return self.name
@@ -109,32 +123,9 @@ def get_spec(name: str | DatasetSpec) -> DatasetSpec:
     return SPECS[name]
 
 
-class ArraySplit(NamedTuple):
-    """One split in memory: ``images`` uint8 [N, H, W, C], ``labels`` int32 [N] (the dataset's own class ids)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-
 def normalize(images: Any) -> Any:
     """uint8 images -> float32 in about [-1, 1]. Works on numpy and jax arrays (inside ``jit`` too)."""
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
-
-
-_SLICE = re.compile(r"^(?P<base>[\w-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
-
-
-def _parse_split(split: str) -> tuple[str, str | None, str | None]:
-    match = _SLICE.match(split.replace(" ", ""))
-    if not match:
-        raise ValueError(f"split: {split!r} is not 'name' or 'name[start:stop]'.")
-    return match["base"], match["start"], match["stop"]
-
-
-def _bound(text: str | None, n: int) -> int | None:
-    if text is None:
-        return None
-    return n * int(text[:-1]) // 100 if text.endswith("%") else int(text)
 
 
 def load(
@@ -145,101 +136,82 @@ def load(
     classes: Sequence[int] | None = None,
     download: bool = True,
 ) -> ArraySplit:
-    """One split of a tfds dataset as uint8 arrays, optionally only the examples of ``classes``.
+    """One split of a tfds dataset as uint8 arrays, optionally only the examples of ``classes``, in record order.
 
-    The dataset is prepared on first use (the offline builders build in seconds; official datasets download) and read
-    through ``tfds.data_source``, which needs no TensorFlow. ``split`` may slice, e.g. ``"train[:50000]"`` or
-    ``"train[90%:]"``. Results are cached per process. ``name`` is a preset's name or a :class:`DatasetSpec` (whose
-    ``name`` is the tfds name and ``image_shape`` the size of the returned images).
+    Read from the dataset's class-indexed cache (:mod:`l3rs.data.cache`): ``spec.cache`` when set (written by
+    ``l3rs data prepare``; refused when absent, incomplete, or prepared for another dataset, class split or image
+    size), else a local cache next to the tfds data, prepared on first use (the offline builders build in seconds;
+    official datasets download). Only the classes asked for are read. ``split`` may slice, e.g.
+    ``"train[:50000]"`` or ``"train[90%:]"``. A split or classes the cache does not hold (``classes=None`` on a
+    spec whose class splits leave classes out, a split that is none of the spec's) are read straight from tfds.
+    ``name`` is a preset's name or a :class:`DatasetSpec` (whose ``name`` is the tfds name and ``image_shape`` the
+    size of the returned images). The arrays are the caller's own (writable); for arrays shared by every process of a
+    machine see :func:`l3rs.data.cache.load_shared`.
 
     Raises:
       ValueError: unknown dataset, a malformed split, or a class outside the dataset.
+      l3rs.data.cache.CacheError: an explicit ``spec.cache`` that cannot serve this spec (message names the field
+        or the shard's URI).
     """
+    from l3rs.data import cache
+
     spec = get_spec(name)
-    base, start, stop = _parse_split(split)
+    parse_split(split)
+    _check_classes(spec, classes)
+    served = cache.load(spec, split, classes=classes, data_dir=data_dir or None, download=download)
+    if served is not None:
+        return served
+    return _load_direct(spec, split, data_dir or None, download, classes)
+
+
+def _check_classes(spec: DatasetSpec, classes: Sequence[int] | None) -> None:
     if classes is not None:
         bad = [c for c in classes if not 0 <= int(c) < spec.num_classes]
         if bad:
             raise ValueError(f"classes: {bad} are not classes of {spec.name} (0..{spec.num_classes - 1}).")
-    images, labels = _load_split(spec, base, data_dir or None, download)
-    n = len(labels)
-    sl = slice(_bound(start, n), _bound(stop, n))
-    images, labels = images[sl], labels[sl]
+
+
+def _load_direct(
+    spec: DatasetSpec, split: str, data_dir: str | None, download: bool, classes: Sequence[int] | None
+) -> ArraySplit:
+    """The split read straight from tfds (every record decoded; what :func:`load` did before the cache)."""
+    images, labels = _load_split(spec, parse_split(split)[0], data_dir, download)
+    _, lo, hi = split_bounds(split, len(labels))
+    images, labels = images[lo:hi], labels[lo:hi]
     if classes is not None:
         keep = np.isin(labels, np.asarray(list(classes), np.int64))
         images, labels = images[keep], labels[keep]
     return ArraySplit(images, labels.astype(np.int32))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _load_split(
     name: str | DatasetSpec, split: str, data_dir: str | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    import tensorflow_datasets as tfds
-
-    from l3rs.data import builders  # noqa: F401 - registers the offline builders with tfds
-
+    """Every record of a base split, decoded and resized: ``(images uint8 [N, H, W, C], labels int64 [N])``."""
     spec = get_spec(name)
-    builder = tfds.builder(spec.name, data_dir=data_dir, file_format="array_record")
-    if not _prepared(builder):
-        if not download and not spec.offline:
-            raise FileNotFoundError(f"{spec.name} is not prepared in {builder.data_dir} and download=False.")
-        _prepare_locked(builder)
-        # A builder created before the data existed keeps its empty split list even once another process has
-        # prepared the data (tfds reads dataset_info.json only when the builder is created): read it afresh.
-        builder = tfds.builder(spec.name, data_dir=data_dir, file_format="array_record")
-    source = builder.as_data_source(split=split)
-    records = source.__getitems__(list(range(len(source))))
-    # (image, label), or (image, label, sample weight) as places365_small declares: the first two name the features.
-    image_key, label_key = (builder.info.supervised_keys or ("image", "label"))[:2]
-    labels = np.asarray([r[label_key] for r in records], np.int64)
-    images = _stack_images([r[image_key] for r in records], spec.image_shape)
+    builder = tfds_builder(spec.name, data_dir, download, spec.offline)
+    images, labels = read_records(builder, split, shape=spec.image_shape)
     return images, labels
 
 
-def _prepared(builder: Any) -> bool:
-    return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+def load_shared(
+    name: str | DatasetSpec,
+    split: str,
+    *,
+    classes: Sequence[int],
+    data_dir: str | None = None,
+    download: bool = True,
+) -> ArraySplit:
+    """:func:`load`'s arrays for the task pool of a worker: the same images and labels, but the images are a read-only
+    memory map of one node-local file that every process on the machine asking for the same classes shares
+    (:func:`l3rs.data.cache.load_shared`). A request the cache does not serve is answered by :func:`load`."""
+    from l3rs.data import cache
 
-
-def _prepare_locked(builder: Any) -> None:
-    """Prepares ``builder``'s dataset unless another process already has. Several processes on one machine may ask
-    for the same dataset at once: the first prepares it (tfds writes into a temporary folder and renames it into
-    place when complete), the others wait on a file lock and then find it prepared. Callers must create a new builder
-    afterwards: this one may predate the data."""
-    from filelock import FileLock
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(builder.data_dir)))
-    os.makedirs(root, exist_ok=True)
-    with FileLock(os.path.join(root, f".{builder.name}.lock")):
-        if not _prepared(builder):
-            builder.download_and_prepare()
-
-
-def _stack_images(images: list[np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
-    out = np.empty((len(images), *shape), np.uint8)
-    for i, img in enumerate(images):
-        img = np.asarray(img)
-        if img.ndim == 2:
-            img = img[..., None]
-        out[i] = img if img.shape == shape else _resize(img, shape)
-    return out
-
-
-def _resize(img: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Center crop to the target aspect ratio, then area-average / nearest resample to (H, W); channels broadcast."""
-    h, w = shape[:2]
-    ih, iw = img.shape[:2]
-    scale = min(ih / h, iw / w)
-    ch, cw = int(round(h * scale)), int(round(w * scale))
-    top, left = (ih - ch) // 2, (iw - cw) // 2
-    crop = img[top : top + ch, left : left + cw].astype(np.float32)
-    rows = (np.arange(h) + 0.5) * ch / h
-    cols = (np.arange(w) + 0.5) * cw / w
-    out = crop[rows.astype(np.int64).clip(0, ch - 1)][:, cols.astype(np.int64).clip(0, cw - 1)]
-    if out.shape[-1] != shape[-1]:
-        out = (
-            np.broadcast_to(out.mean(-1, keepdims=True), (h, w, shape[-1]))
-            if shape[-1] != 1
-            else out.mean(-1, keepdims=True)
-        )
-    return np.round(out).clip(0, 255).astype(np.uint8)
+    spec = get_spec(name)
+    parse_split(split)
+    _check_classes(spec, classes)
+    served = cache.load_shared(spec, split, classes=classes, data_dir=data_dir or None, download=download)
+    if served is not None:
+        return served
+    return _load_direct(spec, split, data_dir or None, download, classes)

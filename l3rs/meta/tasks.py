@@ -112,15 +112,16 @@ def task_seed(run_seed: int, generation: int, index: int) -> int:
 
 
 def load_task_pool(dist: TaskDistribution) -> TaskPool:
-    """Loads the images of the distribution's classes (train split + its eval split) through tfds."""
-    from l3rs.data import get_spec, load
+    """Loads the images of the distribution's classes (train split + its eval split) from the dataset's cache; the
+    images are shared by every process of the machine (:func:`l3rs.data.load_shared`)."""
+    from l3rs.data import get_spec, load_shared
 
     spec = get_spec(dist.dataset)
     classes = list(dist.classes())
     eval_split = spec.valid_split if dist.stage == "meta_train" else spec.test_split
     data_dir = dist.data_dir or None
-    train = load(dist.dataset, spec.train_split, data_dir=data_dir, classes=classes)
-    ev = load(dist.dataset, eval_split, data_dir=data_dir, classes=classes)
+    train = load_shared(dist.dataset, spec.train_split, data_dir=data_dir, classes=classes)
+    ev = load_shared(dist.dataset, eval_split, data_dir=data_dir, classes=classes)
     return TaskPool(train.images, train.labels.astype(np.int32), ev.images, ev.labels.astype(np.int32))
 
 

@@ -66,6 +66,7 @@ def resolve_paths(cfg: Config) -> Config:
         run=dataclasses.replace(cfg.run, storage=absolute(cfg.run.storage)),
         model=dataclasses.replace(cfg.model, checkpoint=absolute(cfg.model.checkpoint)),
         pretrain=dataclasses.replace(cfg.pretrain, output=absolute(cfg.pretrain.output)),
+        data=dataclasses.replace(cfg.data, cache=absolute(cfg.data.cache)) if cfg.data.cache else cfg.data,
     )
 
 

@@ -12,6 +12,12 @@ Checks:
 - ``model.checkpoint`` holds a pretrained checkpoint (unless ``"random"``).
 - resuming: a run of the same name that exists with a different config is refused, naming every differing field.
 - ``workers.resources``: some node of the cluster (or a node type its autoscaler can add) can hold one worker.
+- ``data.cache``: the dataset's class-indexed cache is complete, was prepared for this dataset, image size and class
+  split, and every shard the workers will read (meta-training classes, train and valid splits) is there with the
+  sha256 its manifest records. This is where checksums are verified before a run, once, by the driver (and the
+  client): workers do not hash shards at start; the first worker on a node hashes the shards it copies into the
+  node's shared file (:mod:`l3rs.data.cache`). The default local cache (``data.cache = ""``) is checked when it
+  exists (it is made on first use).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "KNOWN_SCHEMES",
     "PreflightError",
     "check_checkpoint",
+    "check_data",
     "check_location",
     "check_resources",
     "check_resume",
@@ -39,8 +46,10 @@ __all__ = [
 
 # Sections whose change alters the math of a run: resuming with a different value is refused ...
 RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes", "run")
-# ... except these: where the run folder lives, how often it checkpoints, and how long it runs (extending a run).
-RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations"), ("model", "module_path")}
+# ... except these: where the run folder lives, how often it checkpoints, how long it runs (extending a run), and where
+# the data cache lives (any cache serving the run must match its dataset, image size and class split: check_data).
+RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "storage"), ("nes", "generations"), ("model", "module_path"),
+                     ("data", "cache")}  # fmt: skip
 # pyarrow.fs schemes run storage accepts (local paths need none).
 KNOWN_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 
@@ -211,8 +220,32 @@ def cluster_capacity() -> tuple[list[dict[str, float]], list[dict[str, float]], 
     return nodes, node_types, autoscaling
 
 
+def check_data(cfg: Config, uses: Iterable[tuple[str, str]] = (("meta_train", "train_split"),
+                                                                  ("meta_train", "valid_split"))) -> None:  # fmt: skip
+    """``data.cache`` can serve ``uses`` (pairs of class split and split field; default: what meta-training workers
+    read): complete, prepared for this config (else the differing field is named), every needed shard present (else
+    its URI is named) with its recorded sha256 (else "corrupt", naming the URI)."""
+    from l3rs.data import cache
+
+    spec = cfg.data.spec()
+    uri = cache.cache_uri(spec, cfg.data.data_dir or None)
+    if spec.cache:
+        scheme = _scheme(spec.cache)
+        if scheme is not None and scheme not in KNOWN_SCHEMES:
+            raise PreflightError(f"data.cache: unknown storage scheme {scheme + '://'!r} in {spec.cache!r}; use a "
+                                 f"local path or one of {', '.join(s + '://' for s in KNOWN_SCHEMES)}.")  # fmt: skip
+    elif not storage.exists(storage.join(uri, cache.MANIFEST)):
+        return  # the default local cache is prepared on first use
+    try:
+        cache.verify(spec, uri, shards=cache.needed_shards(spec, uses))
+    except (cache.CacheError, OSError) as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_run(cfg: Config, run_dir: str) -> None:
-    """The file checks of a meta-training run: ``run.storage``, ``model.checkpoint`` and resume compatibility."""
+    """The file checks of a meta-training run: ``run.storage``, ``model.checkpoint``, resume compatibility and the
+    data cache."""
     check_location(cfg.run.storage, "run.storage")
     check_checkpoint(cfg)
     check_resume(cfg, run_dir)
+    check_data(cfg)
