@@ -169,6 +169,7 @@ def pretrain(
         "seed": seed,
         "final_train_loss": float(loss),
         "test_accuracy": float(accuracy),
+        "train_split": spec.train_split,
         "test_split": spec.test_split,
         "seconds": round(time.perf_counter() - start, 2),
     }
