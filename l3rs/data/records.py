@@ -94,7 +94,8 @@ def read_records(
     source = builder.as_data_source(split=split)
     stop = len(source) if stop is None else stop
     records = source.__getitems__(list(range(start, stop)))
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    # (image, label), or (image, label, sample weight) as places365_small declares: the first two name the features.
+    image_key, label_key = (builder.info.supervised_keys or ("image", "label"))[:2]
     labels = np.asarray([r[label_key] for r in records], np.int64)
     if shape is None:
         return None, labels

@@ -151,7 +151,7 @@ def _info_cached(dataset: str, data_dir: str) -> tuple[int, tuple[Any, ...], tup
             f"knows ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})."
         ) from None
     info = builder.info
-    image_key, label_key = info.supervised_keys or ("image", "label")
+    image_key, label_key = (info.supervised_keys or ("image", "label"))[:2]  # places365_small has a third key
     if isinstance(image_key, dict | tuple | list) or label_key not in info.features or image_key not in info.features:
         raise SpecError(
             f"data.dataset: {dataset!r} is not an image-classification dataset (supervised keys "

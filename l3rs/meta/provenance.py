@@ -109,7 +109,8 @@ def theta0_classes(checkpoint: str, name: str) -> dict[str, Any]:
         out["source"] = "the checkpoint's meta.json does not name its dataset"
         return out
     spec = _preset(dataset)
-    out["split"] = spec.train_split if spec is not None else None
+    # The split the checkpoint recorded (a config may override the preset's, e.g. "train[:75%]"), else the preset's.
+    out["split"] = meta.get("train_split") or (spec.train_split if spec is not None else None)
     if meta.get("pretrain_classes") is not None:
         out["classes"] = sorted(int(c) for c in meta["pretrain_classes"])
         out["source"] = "the checkpoint's meta.json"
@@ -136,6 +137,9 @@ def meta_train_classes(label: str, meta: dict[str, Any], *, name: str = "") -> d
     spec = _preset(dataset)
     if spec is not None:
         out["train_split"], out["eval_split"] = spec.train_split, spec.valid_split
+    splits = meta.get("splits")
+    if isinstance(splits, dict) and splits.get("train"):  # recorded by the driver: the run's own splits
+        out["train_split"], out["eval_split"] = splits["train"], splits.get("valid")
     recorded = meta.get("meta_train_classes")
     if recorded is None and isinstance(meta.get("classes"), dict):
         recorded = meta["classes"].get("meta_train")  # written by the driver since datasets take class splits

@@ -66,22 +66,23 @@ def trace_layer_stats(
                  isinstance(s, L3RSState)]  # fmt: skip
         return found[0]
 
+    # The images are arguments, not closed-over constants (jit would embed the whole pool into the program).
     @jax.jit
-    def step(params, model_state, opt_state, idx, y):
+    def step(params, model_state, opt_state, idx, y, train_images):
         x = normalize(train_images[idx])
         (value, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, x, y, True)
         updates, opt_state = tx.update(grads, opt_state, params, value=value)
         return optax.apply_updates(params, updates), model_state, opt_state, value, layer_stats(l3rs_state(opt_state))
 
     @jax.jit
-    def accuracy(params, model_state):
-        _, (_, logits) = loss_fn(params, model_state, normalize(eval_images[task.eval_idx]), task.eval_y, False)
-        return (logits.argmax(-1) == task.eval_y).mean()
+    def accuracy(params, model_state, x, y):
+        _, (_, logits) = loss_fn(params, model_state, normalize(x), y, False)
+        return (logits.argmax(-1) == y).mean()
 
     mixing, step_norm, losses = [], [], []
     for k in range(num_steps):
         params, model_state, opt_state, value, stats = step(
-            params, model_state, opt_state, task.train_idx[k], task.train_y[k]
+            params, model_state, opt_state, task.train_idx[k], task.train_y[k], train_images
         )
         mixing.append(stats["mixing"])
         step_norm.append(stats["step_norm"])
@@ -97,5 +98,5 @@ def trace_layer_stats(
         "mixing": np.asarray(mixing, np.float64),
         "step_norm": np.asarray(step_norm, np.float64),
         "train_loss": np.asarray(losses, np.float64),
-        "eval_accuracy": float(accuracy(params, model_state)),
+        "eval_accuracy": float(accuracy(params, model_state, eval_images[task.eval_idx], task.eval_y)),
     }

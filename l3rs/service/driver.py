@@ -193,6 +193,7 @@ class Driver:
                     k: list(getattr(self.cfg.data.spec(), f"{k}_classes"))
                     for k in ("pretrain", "meta_train", "meta_test")
                 },
+                "splits": {"train": self.cfg.data.spec().train_split, "valid": self.cfg.data.spec().valid_split},
                 "num_classes": self.cfg.task.num_classes,
                 "k_range": [self.cfg.task.k_min, self.cfg.task.k_max],
                 "train_scope": self.cfg.task.train_scope,
