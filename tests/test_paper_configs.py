@@ -158,6 +158,9 @@ def check_run(history: list[dict[str, Any]], psi_uri: str, cfg: Config) -> None:
         assert np.isfinite(row["fitness_mean"]) and row["units"] == 1 and row["nonfinite_candidates"] == 0
     text = (Path(psi_uri) / "metadata.json").read_text()
     assert cfg.data.dataset in text and cfg.model.name in text
+    # the artifact names θ0 relative to the run storage, never by this machine's absolute path
+    assert json.loads(text)["model_checkpoint"] == Path(cfg.model.checkpoint).name
+    assert str(Path(cfg.run.storage).resolve()) not in text
 
 
 def check_report(report: dict[str, Any], settings: str, dataset: str) -> None:

@@ -35,6 +35,7 @@ from l3rs.config import Config
 from l3rs.meta import mixture, nes
 from l3rs.meta.runner import initial_meta, task_distribution
 from l3rs.meta.tasks import task_header, task_seed
+from l3rs.names import display_uri
 
 __all__ = ["Driver", "TrainResult", "make_units", "resolve_paths", "run_dir_for"]
 
@@ -187,7 +188,8 @@ class Driver:
                 "model": self.cfg.model.name,
                 "model_options": dict(self.cfg.model.options),
                 "model_head": self.cfg.model.head,
-                "model_checkpoint": self.cfg.model.checkpoint,
+                # named relative to the run storage, never by this machine's absolute path (l3rs.names)
+                "model_checkpoint": display_uri(self.cfg.model.checkpoint, root=self.cfg.run.storage),
                 "dataset": self.cfg.data.dataset,
                 "classes": {
                     k: list(getattr(self.cfg.data.spec(), f"{k}_classes"))
@@ -214,7 +216,7 @@ class Driver:
                 "weight": s.weight,
                 "dataset": s.config.data.dataset,
                 "meta_train_classes": list(s.config.data.spec().meta_train_classes),
-                "model_checkpoint": s.config.model.checkpoint,
+                "model_checkpoint": display_uri(s.config.model.checkpoint, root=self.cfg.run.storage),
                 "num_classes": s.config.task.num_classes,
                 "k_range": [s.config.task.k_min, s.config.task.k_max],
                 "batch_size": s.config.task.batch_size,
