@@ -1,7 +1,7 @@
 """Issue 11 part 3: trace a learned L3RS ψ on held-out tasks, per step: per-layer λ, the loss feature and the
 Adam-equivalent ratio λ / (lr₀·‖d_adam‖), with the stability options switched on one at a time.
 
-    python benchmarks/stability_trace.py --psi docs/demo/psi --theta0 runs/pretrain-fmnist \
+    python benchmarks/stability_trace.py --psi tests/data/psi_v0_fmnist --theta0 runs/pretrain-fmnist \
         --dataset sklearn_digits --steps 200 --tasks 2
 
 Prints one JSON line per (task, variant); the last line is a summary. Numbers are recorded in NOTES-stable.md.
@@ -80,7 +80,7 @@ def trace(psi, config, module, variables0, pool, task, steps, num_classes):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--psi", default="docs/demo/psi")
+    ap.add_argument("--psi", default="tests/data/psi_v0_fmnist")  # the first release's Fashion-MNIST ψ
     ap.add_argument("--theta0", required=True, help="θ0 checkpoint folder (l3rs pretrain)")
     ap.add_argument("--dataset", default="sklearn_digits")
     ap.add_argument("--data-dir", default="")
