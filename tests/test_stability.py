@@ -348,3 +348,22 @@ def test_use_time_options_on_a_trained_psi(tmp_path):
     args = [sys.executable, script, str(tmp_path / "psi"), str(tmp_path / "capped"), "past_horizon=clamp"]
     again = subprocess.run(args, capture_output=True, text=True)
     assert again.returncode == 2 and "already there" in again.stderr
+
+
+def test_resuming_a_run_that_predates_the_options_keeps_their_original_values(tmp_path):
+    """A run saved before the stability fields existed ran with their original behaviour: resuming it under today's
+    defaults is refused, naming the field; with the original values it resumes."""
+    from l3rs.config import Config
+    from l3rs.service.preflight import PreflightError, check_resume, resume_differences
+
+    cfg = Config()
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    for key in ("feature_scale", "lambda_max_adam_ratio", "past_horizon", "absolute_time_k_max"):
+        saved["optimizer"].pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    names = [name for name, _, _ in resume_differences(cfg, str(tmp_path))]
+    assert names == ["optimizer.feature_scale", "optimizer.lambda_max_adam_ratio"]
+    with pytest.raises(PreflightError, match="optimizer.feature_scale"):
+        check_resume(cfg, str(tmp_path))
+    original = cfg.replace(optimizer={"feature_scale": "absolute", "lambda_max_adam_ratio": "none"})
+    assert resume_differences(original, str(tmp_path)) == []

@@ -32,6 +32,7 @@ from typing import Any
 
 from l3rs import storage
 from l3rs.config import Config, ConfigError
+from l3rs.optim.config import LEGACY_VALUES
 
 __all__ = [
     "KNOWN_SCHEMES",
@@ -158,8 +159,11 @@ def resume_differences(cfg: Config, run_dir: str) -> list[tuple[str, Any, Any]]:
             if (section, key) in RESUME_MAY_CHANGE:
                 continue
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
-            if key not in saved.get(section, {}) and new == defaults.get(section, {}).get(key):
-                continue  # a field newer than the saved run, at its default
+            if key not in saved.get(section, {}):
+                if section == "optimizer" and key in LEGACY_VALUES:
+                    old = LEGACY_VALUES[key]  # the run predates the field: it ran with the original behaviour
+                elif new == defaults.get(section, {}).get(key):
+                    continue  # a field newer than the saved run, at its default
             if old != new:
                 diffs.append((f"{section}.{key}", old, new))
     return diffs
