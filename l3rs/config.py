@@ -2,6 +2,10 @@
 
 Every field is validated before any work starts; errors name the field as ``section.key``. Unknown sections or
 keys are errors too (a typo must not silently fall back to a default).
+
+One module (~640 lines) on purpose: the sections' dataclasses, their validation and the checks that need several
+sections at once (class counts against the dataset, custom models, task-mixture sources that override [data],
+[task] and the checkpoint) are one schema, and every other layer imports it.
 """
 
 from __future__ import annotations
