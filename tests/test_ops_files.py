@@ -408,8 +408,14 @@ def _check_command(kind: str, argv: list[str], subcommands: dict[str, argparse.A
     if argv[0] not in subcommands:
         # Prose that starts with the package's name ("l3rs meta-training on AWS ...") is not a command.
         return "no such command (l3rs --help)" if kind == "span" or options else None
-    if kind == "span":  # possibly partial: every option it names must exist
-        known = {o for action in subcommands[argv[0]]._actions for o in action.option_strings}
+    if kind == "span":  # possibly partial: every option it names must exist (in the innermost subcommand named)
+        parser, rest = subcommands[argv[0]], argv[1:]
+        while rest and not rest[0].startswith("-"):
+            nested = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            if not nested or rest[0] not in nested[0]:
+                break
+            parser, rest = nested[0][rest[0]], rest[1:]
+        known = {o for action in parser._actions for o in action.option_strings}
         unknown = sorted(set(options) - known)
         return f"unknown option(s) {unknown}" if unknown else None
     try:
@@ -440,6 +446,8 @@ def test_the_command_check_catches_mistakes():
     assert _check_command("line", found["line"], subcommands) == "no such command (l3rs --help)"
     assert _check_command("line", ["logs"], subcommands) == "does not parse"  # the job id is required
     assert _check_command("span", ["logs"], subcommands) is None  # a mention of the command
+    assert _check_command("span", ["data", "prepare", "--config", "X"], subcommands) is None  # a nested subcommand
+    assert _check_command("span", ["data", "prepare", "--confg", "X"], subcommands) == "unknown option(s) ['--confg']"
 
 
 def test_documented_repository_paths_exist():
