@@ -52,12 +52,16 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
             raise CLIError(f"--set: expected section.key=value, got {item!r}")
         path, raw = item.split("=", 1)
         section, key = path.split(".", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out.setdefault(section, {})[key] = value
+        out.setdefault(section, {})[key] = toml_value(raw)
     return out
+
+
+def toml_value(raw: str) -> Any:
+    """A command-line value parsed as TOML (``10``, ``"x"``, ``[1, 2]``, ``false``), falling back to the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
 
 
 def _load(args) -> Any:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 
 from l3rs import storage
 from l3rs.artifact import load_psi, save_artifact, with_options
+from l3rs.cli import toml_value
 from l3rs.names import display_uri
 
 # Fields save_artifact computes afresh.
@@ -26,13 +26,7 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[-3].strip(), file=sys.stderr)
         return 2
     src, dst, pairs = argv[0], argv[1], argv[2:]
-    options = {}
-    for pair in pairs:
-        key, raw = pair.split("=", 1)
-        try:
-            options[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            options[key] = raw
+    options = {key: toml_value(raw) for key, raw in (pair.split("=", 1) for pair in pairs)}
     if storage.exists(storage.join(dst, "metadata.json")):
         print(f"{dst}: an artifact is already there; choose another folder.", file=sys.stderr)
         return 2

@@ -155,10 +155,23 @@ def load(
     """
     from l3rs.data import cache
 
+    return _served_or_direct(cache.load, name, split, classes, data_dir, download)
+
+
+def _served_or_direct(
+    reader: Any,
+    name: str | DatasetSpec,
+    split: str,
+    classes: Sequence[int] | None,
+    data_dir: str | None,
+    download: bool,
+) -> ArraySplit:
+    """Checks the request, then answers it from the cache through ``reader`` (``l3rs.data.cache.load`` or
+    ``load_shared``), or from tfds directly when the cache does not serve it."""
     spec = get_spec(name)
     parse_split(split)
     _check_classes(spec, classes)
-    served = cache.load(spec, split, classes=classes, data_dir=data_dir or None, download=download)
+    served = reader(spec, split, classes=classes, data_dir=data_dir or None, download=download)
     if served is not None:
         return served
     return _load_direct(spec, split, data_dir or None, download, classes)
@@ -208,10 +221,4 @@ def load_shared(
     (:func:`l3rs.data.cache.load_shared`). A request the cache does not serve is answered by :func:`load`."""
     from l3rs.data import cache
 
-    spec = get_spec(name)
-    parse_split(split)
-    _check_classes(spec, classes)
-    served = cache.load_shared(spec, split, classes=classes, data_dir=data_dir or None, download=download)
-    if served is not None:
-        return served
-    return _load_direct(spec, split, data_dir or None, download, classes)
+    return _served_or_direct(cache.load_shared, name, split, classes, data_dir, download)
