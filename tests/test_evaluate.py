@@ -335,6 +335,56 @@ def test_shards_give_the_same_numbers_in_any_process(env, pool_report):
     ev.clear_runners()
 
 
+def test_a_stopped_evaluation_resumes_with_the_same_numbers(env, pool_report, tmp_path):
+    """Every finished task is kept under <out>/tasks: the same call again reads them back (the report's numbers are
+    the pool run's, bit for bit), a lost task and more --tasks run only what is missing, and a changed config never
+    reuses a stored task."""
+    import shutil
+
+    from l3rs.meta.eval_journal import TaskJournal, journal_key
+
+    cfg = env["cfg"]
+    _, out, _ = pool_report
+    pooled = json.loads((out / "report.json").read_text())
+    assert pooled["files"]["tasks"] == "tasks" and pooled["meta"]["tasks_resumed"] == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stored = sorted(p.relative_to(copy / "tasks").parts[::2] for p in (copy / "tasks").rglob("task-*.json"))
+    assert stored == [(s, f"task-{i}.json") for s in "AE" for i in range(3)]  # C was skipped
+
+    # as if stopped after 5 of 6 tasks: A's task 1 is lost; and one more task per setting is asked for
+    next(copy.glob("tasks/A/*/task-1.json")).unlink()
+    again = ev.run_evaluation(cfg, [env["psi"]], out=str(copy), tasks=4, settings=["A", "E"], workers=1,
+                              progress=False)  # fmt: skip
+    assert again["meta"]["tasks_resumed"] == 5
+    for name in "AE":
+        old, new = pooled["settings"][name]["per_task"], again["settings"][name]["per_task"]
+        assert new["task_index"] == [0, 1, 2, 3] and new["task_seed"][:3] == old["task_seed"]
+        for opt in ("L3RS", "Adam (const), 1e-3"):
+            kept = [0, 2] if name == "A" else [0, 1, 2]  # read back: identical
+            assert [new["loss"][opt][i] for i in kept] == [old["loss"][opt][i] for i in kept]
+            assert [new["accuracy"][opt][i] for i in kept] == [old["accuracy"][opt][i] for i in kept]
+        # task 1 of A ran again, in this process: the same task (accuracy within one eval image)
+        np.testing.assert_allclose(new["accuracy"]["L3RS"][1], old["accuracy"]["L3RS"][1], atol=1.01 / 64)
+    assert len(list(copy.glob("tasks/*/*/task-*.json"))) == 8
+
+    # the key: how many tasks, where and which settings are not in it; what a task computes is
+    specs, _ = ev.plan_settings(cfg, ["A"])
+    opts = ev.build_optimizers(cfg, ev.load_artifacts([env["psi"]]))
+    key = journal_key(cfg, specs[0], opts)
+    assert journal_key(cfg.replace(evaluate={"tasks": 9, "workers": 2, "settings": ["A"]}), specs[0], opts) == key
+    assert journal_key(cfg.replace(evaluate={"k_grid": [5, 10]}), specs[0], opts) != key
+    assert journal_key(cfg.replace(task={"batch_size": 16}), specs[0], opts) != key
+    assert journal_key(cfg, specs[0], opts[1:]) != key
+    # an unreadable or foreign task file is not trusted: that task runs again
+    journal = TaskJournal(str(copy), cfg.replace(evaluate={"tasks": 4}), specs, opts)
+    seeds = ev.eval_task_seeds(cfg, "A", 4)
+    assert journal.load("A", 0, seeds[0]) is not None and journal.load("A", 0, seeds[1]) is None
+    next(copy.glob("tasks/A/*/task-0.json")).write_text("{not json")
+    assert journal.load("A", 0, seeds[0]) is None
+    assert sorted(journal.stored(specs, {"A": seeds})) == [("A", 1), ("A", 2), ("A", 3)]
+
+
 def test_refuses_bad_inputs_before_any_work(env, tmp_path, capsys):
     cfg = env["cfg"]
     missing = cfg.replace(model={"checkpoint": str(tmp_path / "nothing")})

@@ -330,3 +330,30 @@ def test_statement_on_a_disjoint_three_way_split():
     c = setting_classes("cifar100", 25, theta0, [velo])
     assert c["relation"]["meta_train"]["VeLO (og)"] == "unknown"
     assert "VeLO (og) was meta-trained elsewhere (learned_optimization hyper_v2 checkpoint)." in c["statement"]
+
+
+def test_statement_on_a_task_mixture_names_every_source():
+    """A ψ meta-trained on a task mixture (its artifact's ``task_sources``): the statement names each source's
+    dataset, classes, N-way, weight and θ0, and the relation to the evaluation classes uses the sources on the
+    evaluation's dataset (shared with one source, other dataset for the other)."""
+    glyphs, fmnist = get_spec("glyphs"), get_spec("fashion_mnist_debian")
+    meta = {"dataset": "glyphs", "num_classes": 5, "meta_train_classes": list(glyphs.meta_train_classes),
+            "task_sources": [
+                {"name": "glyphs", "weight": 3.0, "dataset": "glyphs", "num_classes": 5,
+                 "meta_train_classes": list(glyphs.meta_train_classes), "model_checkpoint": "pretrain-glyphs"},
+                {"name": "fmnist", "weight": 1.0, "dataset": "fashion_mnist_debian", "num_classes": 5,
+                 "meta_train_classes": list(fmnist.meta_train_classes), "model_checkpoint": "pretrain-fmnist"}]}
+    mt = meta_train_classes("L3RS", meta, name="mix/psi")  # fmt: skip
+    assert [s["name"] for s in mt["sources"]] == ["glyphs", "fmnist"] and mt["sources"][1]["weight"] == 1.0
+    theta0 = {"checkpoint": "pretrain-fmnist", "dataset": "fashion_mnist_debian",
+                            "classes": list(fmnist.pretrain_classes), "split": "train", "source": "x"}  # fmt: skip
+    c = setting_classes("fashion_mnist_debian", 5, theta0, [mt])
+    assert c["relation"]["meta_train"]["L3RS"] == "shared"  # Fashion-MNIST's tasks: its source's classes 5-9
+    text = " ".join(c["statement"])
+    assert "L3RS was meta-trained on a task mixture of 2 sources: glyphs (weight 3): glyphs classes" in text
+    assert "fmnist (weight 1): fashion_mnist_debian classes 5–9, 5-way, θ0 pretrain-fmnist." in text
+    assert f"{SHARED_NOTE} — they are exactly meta-training's classes" in text
+    c = setting_classes("glyphs", 5, {**theta0, "dataset": "glyphs", "classes": list(glyphs.pretrain_classes)}, [mt])
+    assert c["relation"]["meta_train"]["L3RS"] == "disjoint"  # glyphs' meta-test classes: new to both sources
+    c = setting_classes("sklearn_digits", 5, theta0, [mt])
+    assert c["relation"]["meta_train"]["L3RS"] == "other dataset"

@@ -1,7 +1,8 @@
 """Where a meta-evaluation runs: in this process, or in a spawn process pool with one single-threaded XLA process per
 core (for the small CNN on a 2-core CPU, one process per core gave ~1.8× the throughput of one two-thread process;
 see :mod:`l3rs.cpu`). Either way the numbers are those of :func:`l3rs.meta.eval_setting.evaluate_setting` per task:
-the pool only decides where each task runs.
+the pool only decides where each task runs. With a :class:`~l3rs.meta.eval_journal.TaskJournal`, tasks it holds are
+read back instead of run, and each finished task is stored as soon as it is done.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from l3rs.config import Config
+from l3rs.meta.eval_journal import TaskJournal
 from l3rs.meta.eval_optimizers import OptimizerSpec
 from l3rs.meta.eval_setting import SettingResult, clear_runners, evaluate_setting, merge_results
 from l3rs.meta.settings import SettingSpec
@@ -81,18 +83,29 @@ def run_in_process(
     seeds: Mapping[str, Sequence[int]],
     trace_opt: OptimizerSpec | None,
     progress: bool,
+    journal: TaskJournal | None = None,
 ) -> tuple[dict[str, SettingResult], dict[str, Any] | None]:
-    """Every setting's tasks in this process, then the Fig. 4 trace (of ``trace_opt`` on setting A if evaluated,
-    else the first; none when ``trace_opt`` is None). Returns (results by setting, trace)."""
+    """Every setting's tasks in this process (those not in ``journal``; each stored there when done), then the Fig. 4
+    trace (of ``trace_opt`` on setting A if evaluated, else the first; none when ``trace_opt`` is None). Returns
+    (results by setting, trace)."""
     trace_setting = "A" if any(s.name == "A" for s in specs) else (specs[0].name if specs else None)
     trace_setting = trace_setting if trace_opt is not None else None
-    bars = _bars(specs, len(next(iter(seeds.values()))) if seeds else 0, progress)
+    num_tasks = len(next(iter(seeds.values()))) if seeds else 0
+    stored = journal.stored(specs, seeds) if journal is not None else {}
+    bars = _bars(specs, num_tasks, progress)
     results = {}
     try:
         for s in specs:
-            results[s.name] = evaluate_setting(
-                cfg, s, optimizers, seeds[s.name], on_task=lambda _i, b=bars[s.name]: b.update(1)
-            )
+            parts = []
+            for i in range(num_tasks):
+                part = stored.get((s.name, i))
+                if part is None:
+                    part = evaluate_setting(cfg, s, optimizers, seeds[s.name], shard=(i, num_tasks))
+                    if journal is not None:
+                        journal.save(part)
+                parts.append(part)
+                bars[s.name].update(1)
+            results[s.name] = merge_results(parts)
         clear_runners()  # free the settings' data and loops
         trace = trace_layer_stats(cfg, trace_opt, setting=trace_setting) if trace_setting else None
     finally:
@@ -109,9 +122,11 @@ def run_pool(
     trace_opt: OptimizerSpec | None,
     progress: bool,
     workers: int,
+    journal: TaskJournal | None = None,
 ) -> tuple[dict[str, SettingResult], dict[str, Any] | None]:
     """As :func:`run_in_process`, in ``workers`` spawn processes (:func:`child_env`: CPU, single-threaded XLA, a
-    shared persistent compilation cache), one job per (task, setting); shards are merged by task index."""
+    shared persistent compilation cache), one job per (task, setting); shards are merged by task index. Tasks in
+    ``journal`` are read back, the others stored there as their jobs finish."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -122,8 +137,12 @@ def run_pool(
     env = child_env(cache_dir)
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
     trace_setting = "A" if any(s.name == "A" for s in specs) else specs[0].name
+    stored = journal.stored(specs, seeds) if journal is not None else {}
     bars = _bars(specs, num_tasks, progress)
     parts: dict[str, list[SettingResult]] = {s.name: [] for s in specs}
+    for (name, _), part in sorted(stored.items()):
+        parts[name].append(part)
+        bars[name].update(1)
     executor = None
     try:
         with _environ(env):  # every child process is started by a submit below, with this environment
@@ -136,6 +155,8 @@ def run_pool(
             futures = {}
             for i in range(num_tasks):
                 for s in specs:
+                    if (s.name, i) in stored:
+                        continue
                     job = executor.submit(evaluate_setting, cfg, s, optimizers, seeds[s.name], shard=(i, num_tasks))
                     futures[job] = s
             trace_future = None
@@ -143,6 +164,8 @@ def run_pool(
                 trace_future = executor.submit(trace_layer_stats, cfg, trace_opt, setting=trace_setting)
         for future in as_completed(futures):
             part = future.result()
+            if journal is not None:
+                journal.save(part)
             parts[part.setting].append(part)
             bars[part.setting].update(len(part.indices))
         trace = trace_future.result() if trace_future is not None else None

@@ -14,6 +14,7 @@ The parts, one module each, in the order they are used:
 - :mod:`l3rs.meta.provenance`: which classes θ0, meta-training and the evaluation tasks used, per setting;
 - :mod:`l3rs.meta.eval_setting`: the work, one setting (or a shard of its tasks) at a time;
 - :mod:`l3rs.meta.eval_pool`: where that work runs (this process or a spawn pool);
+- :mod:`l3rs.meta.eval_journal`: the finished tasks, kept under ``<out>/tasks`` so a stopped evaluation resumes;
 - :mod:`l3rs.meta.trace`: Fig. 4's λ and μ per layer over one run;
 - :mod:`l3rs.meta.stats`: means, standard errors, best Adam, wins and Fig. 3 F's speedups.
 
@@ -30,6 +31,7 @@ from typing import Any
 
 from l3rs import storage
 from l3rs.config import Config, ConfigError
+from l3rs.meta.eval_journal import TaskJournal
 from l3rs.meta.eval_optimizers import (
     Artifact,
     OptimizerSpec,
@@ -132,6 +134,9 @@ def run_evaluation(
     """Meta-evaluates ψ artifacts against Adam baselines and writes the report (``report.md``, ``report.csv``,
     ``report.json``, figures) to ``out``.
 
+    Resumable: each finished task is stored under ``<out>/tasks`` (:mod:`l3rs.meta.eval_journal`), so the same call
+    after an interruption, or with more ``tasks``, runs only the tasks not yet done; the report is the same.
+
     Args:
       cfg: the validated config (``evaluate`` section: k_grid, adam_lrs, settings, other dataset/checkpoint).
       psi_dirs: ψ artifact folders (may be empty: then only ψ₀ of ``cfg.optimizer`` and the baselines).
@@ -181,20 +186,25 @@ def run_evaluation(
     per_k = sum(1 for o in optimizers if not (o.is_adam and o.schedule == "constant"))
     once = len(optimizers) - per_k
     steps = _steps_per_task(cfg, {"per_k": per_k, "once": once})
+    journal = TaskJournal(out, cfg, specs, optimizers)
+    resumed = len(journal.stored(specs, seeds))
     if progress:
         print(
             f"l3rs evaluate: {len(specs)} setting(s) x {num_tasks} task(s) x {len(optimizers)} optimizers, "
             f"K in {list(cfg.evaluate.k_grid)}: {steps} training steps per task, {workers} process(es).",
             file=sys.stderr,
         )
+        if resumed:
+            print(f"l3rs evaluate: resuming: {resumed} of {len(specs) * num_tasks} tasks already done "
+                  f"(kept in {journal.root}).", file=sys.stderr)  # fmt: skip
     # Fig. 4 (λ and μ per layer) exists for L3RS only: the first L3RS row (ψ₀ without artifacts), on setting A if
     # evaluated; none when every learned row is another family.
     trace_opt = next((o for o in optimizers if o.kind == "learned" and o.config.family == "l3rs"), None)
     run_start = time.perf_counter()
     if workers <= 1 or not specs:
-        results, trace = run_in_process(cfg, specs, optimizers, seeds, trace_opt, progress)
+        results, trace = run_in_process(cfg, specs, optimizers, seeds, trace_opt, progress, journal)
     else:
-        results, trace = run_pool(cfg, specs, optimizers, seeds, trace_opt, progress, workers)
+        results, trace = run_pool(cfg, specs, optimizers, seeds, trace_opt, progress, workers, journal)
     seconds = {
         "evaluation": round(time.perf_counter() - run_start, 3),
         "per_setting_process_seconds": {k: round(v.seconds, 3) for k, v in results.items()},
@@ -212,6 +222,7 @@ def run_evaluation(
         meta={
             "workers": workers,
             "tasks_per_setting": num_tasks,
+            "tasks_resumed": resumed,  # read back from <out>/tasks, not run (and not timed) by this call
             "steps_per_task": steps,
             "compiles": {k: v.compiles for k, v in results.items()},
             "seconds": seconds,

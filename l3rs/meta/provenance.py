@@ -6,7 +6,8 @@ says which it is, from the files themselves, never from fixed text:
 
 - θ0: the checkpoint's ``meta.json`` (``dataset``, ``pretrain_classes``; :func:`l3rs.meta.pretrain.pretrain`);
 - meta-training: each ψ artifact's metadata (``dataset``; ``meta_train_classes`` where it records them, else the
-  dataset spec's :attr:`~l3rs.data.DatasetSpec.meta_train_classes`);
+  dataset spec's :attr:`~l3rs.data.DatasetSpec.meta_train_classes`); for a task mixture, each of its
+  ``task_sources`` (dataset, classes, N-way, weight, θ0: :mod:`l3rs.meta.mixture`);
 - evaluation: the setting's dataset spec (``meta_test_classes``, ``train_split`` for the training batches,
   ``test_split`` for the eval batch), as :func:`l3rs.meta.settings.eval_distribution` draws them.
 
@@ -151,7 +152,35 @@ def meta_train_classes(label: str, meta: dict[str, Any], *, name: str = "") -> d
         out["source"] = f"the artifact's metadata (dataset) and the dataset spec of {dataset} (meta_train_classes)"
     else:
         out["source"] = f"unknown: the artifact lists no classes and {dataset} has no spec here"
+    if meta.get("task_sources"):  # a task mixture: the sources are what meta-training drew from, not [data] alone
+        out["sources"] = [
+            {
+                "name": src.get("name"),
+                "weight": src.get("weight"),
+                "dataset": src.get("dataset"),
+                "classes": (sorted(int(c) for c in src["meta_train_classes"])
+                            if src.get("meta_train_classes") is not None else None),
+                "num_ways": src.get("num_classes"),
+                "theta0": src.get("model_checkpoint"),
+            }
+            for src in meta["task_sources"]
+        ]  # fmt: skip
+        out["source"] = "the artifact's metadata (task_sources)"
     return out
+
+
+def _seen(m: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """What a meta-training entry saw, as one ``{"dataset", "classes"}`` to relate ``dataset``'s tasks to: for a task
+    mixture, the union of the classes of its sources on ``dataset`` (or its first source when none is on it)."""
+    sources = m.get("sources")
+    if not sources:
+        return m
+    same = [src for src in sources if src.get("dataset") == dataset]
+    if not same:
+        return {"dataset": sources[0].get("dataset"), "classes": sources[0].get("classes")}
+    if any(src.get("classes") is None for src in same):
+        return {"dataset": dataset, "classes": None}
+    return {"dataset": dataset, "classes": sorted({int(c) for src in same for c in src["classes"]})}
 
 
 def setting_classes(
@@ -178,9 +207,10 @@ def setting_classes(
     rel = {
         "theta0": relation(evaluation["classes"], dataset, theta0.get("classes"), theta0.get("dataset")),
         "meta_train": {
-            m["optimizer"]: relation(evaluation["classes"], dataset, m.get("classes"), m.get("dataset"))
+            m["optimizer"]: relation(evaluation["classes"], dataset, _seen(m, dataset).get("classes"),
+                                     _seen(m, dataset).get("dataset"))
             for m in meta_train
-        },
+        },  # fmt: skip
     }
     if theta0.get("checkpoint") == "random":
         rel["theta0"] = "random"
@@ -225,6 +255,16 @@ def class_statement(classes: dict[str, Any]) -> list[str]:
         if m.get("dataset") is None:
             lines.append(f"{m['optimizer']} was meta-trained elsewhere ({m['source']}).")
             continue
+        if m.get("sources"):
+            parts = [
+                f"{src['name']} (weight {src['weight']:g}): {_classes_of(src)}"
+                + (f", {src['num_ways']}-way" if src.get("num_ways") else "")
+                + (f", θ0 {src['theta0']}" if src.get("theta0") else "")
+                for src in m["sources"]
+            ]
+            lines.append(f"{m['optimizer']} was meta-trained on a task mixture of {len(parts)} sources: "
+                         + "; ".join(parts) + ".")  # fmt: skip
+            continue
         lines.append(
             f"{m['optimizer']} was meta-trained on {_classes_of(m)}"
             + (f", {m['num_ways']}-way tasks" if m.get("num_ways") else "")
@@ -242,7 +282,7 @@ def class_statement(classes: dict[str, Any]) -> list[str]:
         notes.append("vs θ0's pretraining: " + _vs(rel["theta0"], theta0, ev["classes"], "pretraining"))
     for m in classes["meta_train"]:
         r = rel["meta_train"][m["optimizer"]]
-        text = _vs(r, m, ev["classes"], "meta-training")
+        text = _vs(r, _seen(m, ev["dataset"]), ev["classes"], "meta-training")
         if r == "shared" and m.get("train_split") == ev["train_split"]:
             text += (f"; their training batches come from the same {ev['train_split']} images meta-training drew "
                      f"from, only the eval batch ({ev['eval_split']} split) and the task draws are new")  # fmt: skip

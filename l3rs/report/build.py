@@ -29,6 +29,7 @@ FILES = {
     "fig3_baselines": "fig3_baselines.png",
     "fig4": "fig4_layer_stats.png",
     "meta_training": "meta_training.png",
+    "tasks": "tasks",  # a folder: one file per finished task, so that a stopped evaluation resumes
 }
 SCOPE_WORDS = {"all": "the whole network", "head": "the head only"}
 

@@ -50,6 +50,8 @@ def write_report(
             written["meta_training"] = uri
         except (OSError, KeyError, TypeError, ValueError) as e:  # another version's history: keep the pointer only
             mt["error"] = f"could not plot it: {type(e).__name__}"
+    if storage.exists(storage.join(out, FILES["tasks"])):  # the finished tasks (l3rs.meta.eval_journal)
+        written["tasks"] = storage.join(out, FILES["tasks"])
     report["files"] = {k: FILES[k] for k in (*written, "csv", "markdown", "json")}  # what this folder holds
     if started is not None:
         report["meta"].setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 3)
