@@ -337,12 +337,29 @@ def test_statement_on_a_task_mixture_names_every_source():
     dataset, classes, N-way, weight and θ0, and the relation to the evaluation classes uses the sources on the
     evaluation's dataset (shared with one source, other dataset for the other)."""
     glyphs, fmnist = get_spec("glyphs"), get_spec("fashion_mnist_debian")
-    meta = {"dataset": "glyphs", "num_classes": 5, "meta_train_classes": list(glyphs.meta_train_classes),
-            "task_sources": [
-                {"name": "glyphs", "weight": 3.0, "dataset": "glyphs", "num_classes": 5,
-                 "meta_train_classes": list(glyphs.meta_train_classes), "model_checkpoint": "pretrain-glyphs"},
-                {"name": "fmnist", "weight": 1.0, "dataset": "fashion_mnist_debian", "num_classes": 5,
-                 "meta_train_classes": list(fmnist.meta_train_classes), "model_checkpoint": "pretrain-fmnist"}]}
+    meta = {
+        "dataset": "glyphs",
+        "num_classes": 5,
+        "meta_train_classes": list(glyphs.meta_train_classes),
+        "task_sources": [
+            {
+                "name": "glyphs",
+                "weight": 3.0,
+                "dataset": "glyphs",
+                "num_classes": 5,
+                "meta_train_classes": list(glyphs.meta_train_classes),
+                "model_checkpoint": "pretrain-glyphs",
+            },
+            {
+                "name": "fmnist",
+                "weight": 1.0,
+                "dataset": "fashion_mnist_debian",
+                "num_classes": 5,
+                "meta_train_classes": list(fmnist.meta_train_classes),
+                "model_checkpoint": "pretrain-fmnist",
+            },
+        ],
+    }
     mt = meta_train_classes("L3RS", meta, name="mix/psi")  # fmt: skip
     assert [s["name"] for s in mt["sources"]] == ["glyphs", "fmnist"] and mt["sources"][1]["weight"] == 1.0
     theta0 = {"checkpoint": "pretrain-fmnist", "dataset": "fashion_mnist_debian",

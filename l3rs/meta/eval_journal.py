@@ -87,7 +87,10 @@ class TaskJournal:
         try:
             d = json.loads(storage.read_bytes(uri))
             if (d.get("format"), int(d["index"]), int(d["seed"]), tuple(d["k_grid"])) != (
-                FORMAT, int(index), int(seed), self.k_grid
+                FORMAT,
+                int(index),
+                int(seed),
+                self.k_grid,
             ) or sorted(d["accuracy"]) != sorted(self.names):
                 return None
             return SettingResult(

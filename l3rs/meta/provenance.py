@@ -207,10 +207,10 @@ def setting_classes(
     rel = {
         "theta0": relation(evaluation["classes"], dataset, theta0.get("classes"), theta0.get("dataset")),
         "meta_train": {
-            m["optimizer"]: relation(evaluation["classes"], dataset, _seen(m, dataset).get("classes"),
-                                     _seen(m, dataset).get("dataset"))
+            m["optimizer"]: relation(evaluation["classes"], dataset, seen.get("classes"), seen.get("dataset"))
             for m in meta_train
-        },  # fmt: skip
+            for seen in [_seen(m, dataset)]
+        },
     }
     if theta0.get("checkpoint") == "random":
         rel["theta0"] = "random"
