@@ -335,54 +335,71 @@ def test_shards_give_the_same_numbers_in_any_process(env, pool_report):
     ev.clear_runners()
 
 
-def test_a_stopped_evaluation_resumes_with_the_same_numbers(env, pool_report, tmp_path):
-    """Every finished task is kept under <out>/tasks: the same call again reads them back (the report's numbers are
-    the pool run's, bit for bit), a lost task and more --tasks run only what is missing, and a changed config never
-    reuses a stored task."""
+def test_a_stopped_evaluation_resumes_and_a_new_row_runs_alone(env, pool_report, tmp_path):
+    """Every finished task is kept under <out>/tasks, row by row: run again, a lost task and more --tasks run only
+    what is missing; another ψ beside the same baselines runs only its own rows; numbers read back are the first run's
+    exactly; a changed config never reuses a stored task."""
     import shutil
 
-    from l3rs.meta.eval_journal import TaskJournal, journal_key
+    from l3rs.artifact import save_artifact
+    from l3rs.meta.eval_journal import TaskJournal, row_key, setting_key
+    from l3rs.optim import L3RSConfig, init_psi
 
     cfg = env["cfg"]
     _, out, _ = pool_report
     pooled = json.loads((out / "report.json").read_text())
-    assert pooled["files"]["tasks"] == "tasks" and pooled["meta"]["tasks_resumed"] == 0
+    assert pooled["files"]["tasks"] == "tasks" and pooled["meta"]["resumed"] == {"tasks": 0, "rows": 0}
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     stored = sorted(p.relative_to(copy / "tasks").parts[::2] for p in (copy / "tasks").rglob("task-*.json"))
     assert stored == [(s, f"task-{i}.json") for s in "AE" for i in range(3)]  # C was skipped
+    rows = len(pooled["optimizers"])
 
-    # as if stopped after 5 of 6 tasks: A's task 1 is lost; and one more task per setting is asked for
+    # as if stopped after A's tasks 0 and 2; and one more task asked for: tasks 1 and 3 run, 0 and 2 are read back
     next(copy.glob("tasks/A/*/task-1.json")).unlink()
-    again = ev.run_evaluation(cfg, [env["psi"]], out=str(copy), tasks=4, settings=["A", "E"], workers=1,
-                              progress=False)  # fmt: skip
-    assert again["meta"]["tasks_resumed"] == 5
-    for name in "AE":
-        old, new = pooled["settings"][name]["per_task"], again["settings"][name]["per_task"]
-        assert new["task_index"] == [0, 1, 2, 3] and new["task_seed"][:3] == old["task_seed"]
-        for opt in ("L3RS", "Adam (const), 1e-3"):
-            kept = [0, 2] if name == "A" else [0, 1, 2]  # read back: identical
-            assert [new["loss"][opt][i] for i in kept] == [old["loss"][opt][i] for i in kept]
-            assert [new["accuracy"][opt][i] for i in kept] == [old["accuracy"][opt][i] for i in kept]
-        # task 1 of A ran again, in this process: the same task (accuracy within one eval image)
-        np.testing.assert_allclose(new["accuracy"]["L3RS"][1], old["accuracy"]["L3RS"][1], atol=1.01 / 64)
-    assert len(list(copy.glob("tasks/*/*/task-*.json"))) == 8
+    again = ev.run_evaluation(cfg, [env["psi"]], out=str(copy), tasks=4, settings=["A"], workers=1, progress=False)
+    assert again["meta"]["resumed"] == {"tasks": 2, "rows": 2 * rows}
+    old, new = pooled["settings"]["A"]["per_task"], again["settings"]["A"]["per_task"]
+    assert new["task_index"] == [0, 1, 2, 3] and new["task_seed"][:3] == old["task_seed"]
+    for opt in ("L3RS", "Adam (const), 1e-3", "Adam (cosine, head), 1e-2"):
+        assert [new["loss"][opt][i] for i in (0, 2)] == [old["loss"][opt][i] for i in (0, 2)]  # read back: exact
+        assert [new["accuracy"][opt][i] for i in (0, 2)] == [old["accuracy"][opt][i] for i in (0, 2)]
+    # task 1 ran again, in this process instead of the pool: the same task (accuracy within one eval image)
+    np.testing.assert_allclose(new["accuracy"]["L3RS"][1], old["accuracy"]["L3RS"][1], atol=1.01 / 64)
 
-    # the key: how many tasks, where and which settings are not in it; what a task computes is
+    # another ψ beside the same baselines: only its row runs, every other row of tasks 0-1 is read back
+    opt_cfg = L3RSConfig(init_lr=3e-3)
+    psi2 = init_psi(opt_cfg, ev.model_params_shapes(cfg), jax.random.key(8))
+    meta = {"run_name": "other", "model": "small_cnn", "dataset": "sklearn_digits", "k_range": [5, 10],
+            "train_scope": "all", "generations": 1}  # fmt: skip
+    save_artifact(str(tmp_path / "psi2"), psi2, opt_cfg, meta)
+    both = ev.run_evaluation(cfg, [env["psi"], str(tmp_path / "psi2")], out=str(copy), tasks=2, settings=["A"],
+                             workers=1, progress=False)  # fmt: skip
+    assert len(both["optimizers"]) == rows + 1 and both["meta"]["resumed"] == {"tasks": 0, "rows": 2 * rows}
+    first = both["optimizers"][0]["name"]
+    assert both["settings"]["A"]["per_task"]["loss"][first] == new["loss"]["L3RS"][:2]
+    assert all(len(json.loads(p.read_text())["rows"]) == rows + (1 if p.name in ("task-0.json", "task-1.json")
+                                                                 else 0)
+               for p in copy.glob("tasks/A/*/task-*.json"))  # fmt: skip
+
+    # the keys: how many tasks, where, which settings and which rows are not in a setting's key; what a task computes is
     specs, _ = ev.plan_settings(cfg, ["A"])
     opts = ev.build_optimizers(cfg, ev.load_artifacts([env["psi"]]))
-    key = journal_key(cfg, specs[0], opts)
-    assert journal_key(cfg.replace(evaluate={"tasks": 9, "workers": 2, "settings": ["A"]}), specs[0], opts) == key
-    assert journal_key(cfg.replace(evaluate={"k_grid": [5, 10]}), specs[0], opts) != key
-    assert journal_key(cfg.replace(task={"batch_size": 16}), specs[0], opts) != key
-    assert journal_key(cfg, specs[0], opts[1:]) != key
+    key = setting_key(cfg, specs[0])
+    same = cfg.replace(evaluate={"tasks": 9, "workers": 2, "settings": ["A"], "adam_lrs": [1e-4]})
+    assert setting_key(same, specs[0]) == key
+    assert setting_key(cfg.replace(evaluate={"k_grid": [5, 10]}), specs[0]) != key
+    assert setting_key(cfg.replace(task={"batch_size": 16}), specs[0]) != key
+    assert setting_key(cfg.replace(evaluate={"seed": 1}), specs[0]) != key
+    assert len({row_key(o) for o in opts}) == len(opts)  # every row computes something else
     # an unreadable or foreign task file is not trusted: that task runs again
-    journal = TaskJournal(str(copy), cfg.replace(evaluate={"tasks": 4}), specs, opts)
+    journal = TaskJournal(str(copy), cfg, specs, opts)
     seeds = ev.eval_task_seeds(cfg, "A", 4)
-    assert journal.load("A", 0, seeds[0]) is not None and journal.load("A", 0, seeds[1]) is None
+    assert len(journal.load("A", 0, seeds[0])) == rows and journal.load("A", 0, seeds[1]) == {}
     next(copy.glob("tasks/A/*/task-0.json")).write_text("{not json")
-    assert journal.load("A", 0, seeds[0]) is None
+    assert journal.load("A", 0, seeds[0]) == {}
     assert sorted(journal.stored(specs, {"A": seeds})) == [("A", 1), ("A", 2), ("A", 3)]
+    assert journal.missing(journal.load("A", 1, seeds[1])) == []
 
 
 def test_refuses_bad_inputs_before_any_work(env, tmp_path, capsys):

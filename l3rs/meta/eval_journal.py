@@ -1,19 +1,22 @@
-"""Resumable meta-evaluation: every finished task is kept, so a stopped ``l3rs evaluate`` goes on where it stopped.
+"""Resumable meta-evaluation: every finished task is kept, so a stopped ``l3rs evaluate`` goes on where it stopped,
+and a new row beside old ones runs only the new row.
 
-An evaluation is many independent (setting, task) jobs (:func:`l3rs.meta.eval_setting.evaluate_setting` is pure work
-over task seeds). Each finished job is written, atomically, to ``<out>/tasks/<setting>/<key>/task-<index>.json``;
-a later run with the same inputs reads it back instead of running the task again. ``<key>`` is a hash of everything
-a task's numbers depend on: the config (without the fields that only say how many tasks run and where:
-``evaluate.tasks``, ``evaluate.workers``, ``evaluate.settings``), the setting (dataset, θ0), the optimizer rows and
-their parameters. So:
+An evaluation is many independent (setting, task) jobs, and within a job each optimizer row's numbers depend only on
+(config, setting, θ0, that row, the task seed) (:func:`l3rs.meta.eval_setting.evaluate_setting` is pure work). Each
+finished job is written, atomically, to ``<out>/tasks/<setting>/<setting key>/task-<index>.json``, holding one entry
+per optimizer row under the row's own key. ``<setting key>`` hashes the config (without the fields that only say how
+many tasks run, where and which settings: ``evaluate.tasks``, ``evaluate.workers``, ``evaluate.settings``, nor which
+rows: ``evaluate.adam_lrs``, ``evaluate.head_only_baselines``), the setting (dataset, θ0's name) and θ0's files; a
+row's key hashes its family and parameters (ψ), not its label. So, with the same ``--out``:
 
 - a crashed or interrupted evaluation, run again, computes only the tasks it has not finished;
 - ``--tasks 32`` after ``--tasks 16`` runs only tasks 16–31 (task ``i``'s seed does not depend on the count);
-- any other change (a K grid, a learning rate, another ψ, a new checkpoint file) gives another key, so stale
-  numbers are never reused. Delete ``<out>/tasks`` to start over.
+- another ``--psi`` beside the same baselines runs only that ψ's rows, and reads every Adam row back;
+- any other change (a K grid, batch sizes, another checkpoint file) gives another setting key, and another ψ another
+  row key, so stale numbers are never reused. Delete ``<out>/tasks`` to start over.
 
-The stored numbers are float64 in JSON (Python's ``repr`` round-trips them exactly; a non-finite loss is written as
-``NaN``/``Infinity``), so a resumed report is bit-identical to an uninterrupted one.
+The numbers are stored as JSON floats (Python's ``repr`` round-trips float64 exactly; a non-finite loss is written as
+``NaN``/``Infinity``): a resumed report holds exactly the numbers the first run computed.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ from l3rs.meta.eval_optimizers import OptimizerSpec
 from l3rs.meta.eval_setting import SettingResult
 from l3rs.meta.settings import SettingSpec
 
-__all__ = ["FOLDER", "TaskJournal", "journal_key"]
+__all__ = ["FOLDER", "TaskJournal", "setting_key", "row_key"]
 
 FOLDER = "tasks"
-FORMAT = "l3rs-evaluation-task/1"
-# Fields that choose how many tasks run, where and which settings, not what a task computes.
-_NOT_IN_KEY = ("tasks", "workers", "settings")
+FORMAT = "l3rs-evaluation-task/2"
+# [evaluate] fields that choose how many tasks run, where, which settings and which rows, not what a row computes.
+_NOT_IN_KEY = ("tasks", "workers", "settings", "adam_lrs", "head_only_baselines")
+
+Stored = dict[str, tuple[np.ndarray, np.ndarray]]  # row name -> (accuracy [K], loss [K])
 
 
-def _file_digest(uri: str, h: Any) -> None:
+def _add_files(uri: str, h: Any) -> None:
     """Adds the bytes of a checkpoint folder's files (θ0) to ``h``; nothing for "random" or a missing path."""
     if not uri or uri == "random" or not storage.exists(uri):
         return
@@ -52,83 +57,116 @@ def _file_digest(uri: str, h: Any) -> None:
             continue
 
 
-def journal_key(cfg: Config, setting: SettingSpec, optimizers: Sequence[OptimizerSpec]) -> str:
-    """The hash that names a setting's stored tasks: config (minus ``evaluate.tasks|workers|settings``), setting,
-    θ0's files, optimizer rows and parameters. Equal keys ⇔ a task's numbers are the same computation."""
+def setting_key(cfg: Config, setting: SettingSpec) -> str:
+    """The hash that names a setting's stored tasks: the config (minus the fields in ``_NOT_IN_KEY``), the setting and
+    θ0's files. Equal keys ⇔ the same tasks, data, model, θ0 and K grid."""
     conf = cfg.to_dict()
     conf["evaluate"] = {k: v for k, v in conf.get("evaluate", {}).items() if k not in _NOT_IN_KEY}
     h = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode())
     h.update(json.dumps(dataclasses.asdict(setting), sort_keys=True, default=str).encode())
-    _file_digest(setting.checkpoint, h)
-    for o in optimizers:
-        h.update(repr((o.name, o.family())).encode())
-        h.update(np.asarray(o.params(), np.float32).tobytes())
+    _add_files(setting.checkpoint, h)
+    return h.hexdigest()[:20]
+
+
+def row_key(optimizer: OptimizerSpec) -> str:
+    """The hash of what one optimizer row computes: its family (kind, schedule, scope, config) and parameters (not
+    its label, which may change when other artifacts are evaluated beside it)."""
+    h = hashlib.sha256(repr(optimizer.family()).encode())
+    h.update(np.asarray(optimizer.params(), np.float32).tobytes())
     return h.hexdigest()[:20]
 
 
 class TaskJournal:
-    """The finished tasks of one evaluation folder (``out``), per setting, under the key of its inputs."""
+    """The finished tasks of one evaluation folder (``out``): per setting and task, the numbers of each row."""
 
     def __init__(self, out: str, cfg: Config, specs: Sequence[SettingSpec], optimizers: Sequence[OptimizerSpec]):
         self.root = storage.join(out, FOLDER)
         self.k_grid = tuple(int(k) for k in cfg.evaluate.k_grid)
-        self.names = [o.name for o in optimizers]
-        self.keys = {s.name: journal_key(cfg, s, optimizers) for s in specs}
+        self.optimizers = list(optimizers)
+        self.rows = {o.name: row_key(o) for o in self.optimizers}
+        self.keys = {s.name: setting_key(cfg, s) for s in specs}
 
     def _uri(self, setting: str, index: int) -> str:
         return storage.join(self.root, setting, self.keys[setting], f"task-{int(index)}.json")
 
-    def load(self, setting: str, index: int, seed: int) -> SettingResult | None:
-        """The stored result of task ``index`` (seed ``seed``) of ``setting``, or None if it has not run (or the
-        file is unreadable or of other inputs: then the task runs again and the file is replaced)."""
+    def _read(self, setting: str, index: int, seed: int) -> dict[str, Any]:
+        """The task file's rows (by row key), or {} if there is none, or it is unreadable or of another task."""
         uri = self._uri(setting, index)
         if not storage.exists(uri):
-            return None
+            return {}
         try:
             d = json.loads(storage.read_bytes(uri))
-            if (d.get("format"), int(d["index"]), int(d["seed"]), tuple(d["k_grid"])) != (
-                FORMAT,
-                int(index),
-                int(seed),
-                self.k_grid,
-            ) or sorted(d["accuracy"]) != sorted(self.names):
-                return None
-            return SettingResult(
-                setting=setting,
-                k_grid=self.k_grid,
-                indices=np.asarray([index], np.int64),
-                seeds=np.asarray([seed], np.uint64),
-                accuracy={n: np.asarray([d["accuracy"][n]], np.float64) for n in self.names},
-                loss={n: np.asarray([d["loss"][n]], np.float64) for n in self.names},
-                compiles=0,
-                seconds=float(d.get("seconds", 0.0)),
-            )
+            same = (d["format"], int(d["index"]), int(d["seed"]), tuple(d["k_grid"]))
+            if same != (FORMAT, int(index), int(seed), self.k_grid) or not isinstance(d["rows"], dict):
+                return {}
+            return d["rows"]
         except (ValueError, KeyError, TypeError, OSError):
-            return None
+            return {}
 
-    def stored(
-        self, specs: Sequence[SettingSpec], seeds: Mapping[str, Sequence[int]]
-    ) -> dict[tuple[str, int], SettingResult]:
-        """The results already stored, by (setting, task index), of the tasks ``seeds[setting][index]``."""
+    def load(self, setting: str, index: int, seed: int) -> Stored:
+        """The stored numbers of task ``index`` (seed ``seed``) of ``setting`` for this evaluation's rows, by row name
+        (only the rows that have run; a malformed entry counts as not run)."""
+        found: Stored = {}
+        rows = self._read(setting, index, seed)
+        for name, key in self.rows.items():
+            entry = rows.get(key)
+            try:
+                acc = np.asarray(entry["accuracy"], np.float64)
+                loss = np.asarray(entry["loss"], np.float64)
+            except (TypeError, KeyError, ValueError):
+                continue
+            if acc.shape == loss.shape == (len(self.k_grid),):
+                found[name] = (acc, loss)
+        return found
+
+    def stored(self, specs: Sequence[SettingSpec], seeds: Mapping[str, Sequence[int]]) -> dict[tuple[str, int], Stored]:
+        """What is stored, by (setting, task index), for the tasks ``seeds[setting][index]`` (tasks with no row
+        stored are left out)."""
         found = {}
         for s in specs:
             for i, seed in enumerate(seeds[s.name]):
-                part = self.load(s.name, i, seed)
-                if part is not None:
-                    found[(s.name, i)] = part
+                got = self.load(s.name, i, seed)
+                if got:
+                    found[(s.name, i)] = got
         return found
 
+    def missing(self, got: Stored) -> list[OptimizerSpec]:
+        """This evaluation's rows that ``got`` (one task's stored numbers) lacks, in order."""
+        return [o for o in self.optimizers if o.name not in got]
+
+    def complete(self, setting: str, index: int, seed: int, got: Stored, new: SettingResult | None) -> SettingResult:
+        """One task's result with every row: the stored ones (``got``) and those just run (``new``, a one-task part
+        of the missing rows, or None when nothing was missing)."""
+        acc, loss = {}, {}
+        for o in self.optimizers:
+            if o.name in got:
+                a, lo = got[o.name]
+            else:
+                assert new is not None, f"row {o.name!r} neither stored nor run"
+                a, lo = new.accuracy[o.name][0], new.loss[o.name][0]
+            acc[o.name], loss[o.name] = a[None, :], lo[None, :]
+        return SettingResult(
+            setting=setting,
+            k_grid=self.k_grid,
+            indices=np.asarray([index], np.int64),
+            seeds=np.asarray([seed], np.uint64),
+            accuracy=acc,
+            loss=loss,
+            compiles=new.compiles if new is not None else 0,
+            seconds=new.seconds if new is not None else 0.0,
+        )
+
     def save(self, part: SettingResult) -> None:
-        """Stores each task of ``part`` (atomically: a stopped run leaves whole files or none)."""
+        """Stores the rows of each task of ``part`` beside the rows already in its file (atomically: a stopped run
+        leaves the old file or the new one, never half of one)."""
         for row, (index, seed) in enumerate(zip(part.indices.tolist(), part.seeds.tolist(), strict=True)):
-            body = {
-                "format": FORMAT,
-                "setting": part.setting,
-                "index": int(index),
-                "seed": int(seed),
-                "k_grid": list(part.k_grid),
-                "accuracy": {n: part.accuracy[n][row].tolist() for n in self.names},
-                "loss": {n: part.loss[n][row].tolist() for n in self.names},
-                "seconds": round(part.seconds / max(len(part.indices), 1), 3),
-            }
+            rows = self._read(part.setting, index, seed)
+            for name in part.accuracy:
+                rows[self.rows[name]] = {
+                    "name": name,
+                    "accuracy": part.accuracy[name][row].tolist(),
+                    "loss": part.loss[name][row].tolist(),
+                }
+            body = {"format": FORMAT, "setting": part.setting, "index": int(index), "seed": int(seed),
+                    "k_grid": list(part.k_grid), "rows": rows}  # fmt: skip
             storage.write_bytes_atomic(self._uri(part.setting, index), json.dumps(body).encode())

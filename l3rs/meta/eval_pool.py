@@ -1,8 +1,9 @@
 """Where a meta-evaluation runs: in this process, or in a spawn process pool with one single-threaded XLA process per
 core (for the small CNN on a 2-core CPU, one process per core gave ~1.8× the throughput of one two-thread process;
 see :mod:`l3rs.cpu`). Either way the numbers are those of :func:`l3rs.meta.eval_setting.evaluate_setting` per task:
-the pool only decides where each task runs. With a :class:`~l3rs.meta.eval_journal.TaskJournal`, tasks it holds are
-read back instead of run, and each finished task is stored as soon as it is done.
+the pool only decides where each task runs. A :class:`~l3rs.meta.eval_journal.TaskJournal` says which rows of which
+tasks are already done: those are read back, only the missing rows of a task run, and each task is stored as soon as
+it is done.
 """
 
 from __future__ import annotations
@@ -83,26 +84,27 @@ def run_in_process(
     seeds: Mapping[str, Sequence[int]],
     trace_opt: OptimizerSpec | None,
     progress: bool,
-    journal: TaskJournal | None = None,
+    journal: TaskJournal,
 ) -> tuple[dict[str, SettingResult], dict[str, Any] | None]:
-    """Every setting's tasks in this process (those not in ``journal``; each stored there when done), then the Fig. 4
-    trace (of ``trace_opt`` on setting A if evaluated, else the first; none when ``trace_opt`` is None). Returns
+    """Every setting's tasks in this process (the rows ``journal`` lacks; each task stored there when done), then the
+    Fig. 4 trace (of ``trace_opt`` on setting A if evaluated, else the first; none when ``trace_opt`` is None). Returns
     (results by setting, trace)."""
     trace_setting = "A" if any(s.name == "A" for s in specs) else (specs[0].name if specs else None)
     trace_setting = trace_setting if trace_opt is not None else None
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
-    stored = journal.stored(specs, seeds) if journal is not None else {}
+    stored = journal.stored(specs, seeds)
     bars = _bars(specs, num_tasks, progress)
     results = {}
     try:
         for s in specs:
             parts = []
             for i in range(num_tasks):
-                part = stored.get((s.name, i))
-                if part is None:
-                    part = evaluate_setting(cfg, s, optimizers, seeds[s.name], shard=(i, num_tasks))
-                    if journal is not None:
-                        journal.save(part)
+                got = stored.get((s.name, i), {})
+                missing = journal.missing(got)
+                new = evaluate_setting(cfg, s, missing, seeds[s.name], shard=(i, num_tasks)) if missing else None
+                part = journal.complete(s.name, i, seeds[s.name][i], got, new)
+                if new is not None:
+                    journal.save(part)
                 parts.append(part)
                 bars[s.name].update(1)
             results[s.name] = merge_results(parts)
@@ -122,11 +124,11 @@ def run_pool(
     trace_opt: OptimizerSpec | None,
     progress: bool,
     workers: int,
-    journal: TaskJournal | None = None,
+    journal: TaskJournal,
 ) -> tuple[dict[str, SettingResult], dict[str, Any] | None]:
     """As :func:`run_in_process`, in ``workers`` spawn processes (:func:`child_env`: CPU, single-threaded XLA, a
-    shared persistent compilation cache), one job per (task, setting); shards are merged by task index. Tasks in
-    ``journal`` are read back, the others stored there as their jobs finish."""
+    shared persistent compilation cache), one job per (task, setting) with the rows ``journal`` lacks; each task is
+    stored as its job finishes; shards are merged by task index."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -137,12 +139,19 @@ def run_pool(
     env = child_env(cache_dir)
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
     trace_setting = "A" if any(s.name == "A" for s in specs) else specs[0].name
-    stored = journal.stored(specs, seeds) if journal is not None else {}
+    stored = journal.stored(specs, seeds)
     bars = _bars(specs, num_tasks, progress)
     parts: dict[str, list[SettingResult]] = {s.name: [] for s in specs}
-    for (name, _), part in sorted(stored.items()):
-        parts[name].append(part)
-        bars[name].update(1)
+    todo = {}  # (setting, task index) -> (stored rows, missing rows)
+    for s in specs:
+        for i in range(num_tasks):
+            got = stored.get((s.name, i), {})
+            missing = journal.missing(got)
+            if missing:
+                todo[(s.name, i)] = (got, missing)
+            else:
+                parts[s.name].append(journal.complete(s.name, i, seeds[s.name][i], got, None))
+                bars[s.name].update(1)
     executor = None
     try:
         with _environ(env):  # every child process is started by a submit below, with this environment
@@ -155,19 +164,20 @@ def run_pool(
             futures = {}
             for i in range(num_tasks):
                 for s in specs:
-                    if (s.name, i) in stored:
+                    if (s.name, i) not in todo:
                         continue
-                    job = executor.submit(evaluate_setting, cfg, s, optimizers, seeds[s.name], shard=(i, num_tasks))
-                    futures[job] = s
+                    missing = todo[(s.name, i)][1]
+                    job = executor.submit(evaluate_setting, cfg, s, missing, seeds[s.name], shard=(i, num_tasks))
+                    futures[job] = (s.name, i)
             trace_future = None
             if trace_opt is not None:
                 trace_future = executor.submit(trace_layer_stats, cfg, trace_opt, setting=trace_setting)
         for future in as_completed(futures):
-            part = future.result()
-            if journal is not None:
-                journal.save(part)
-            parts[part.setting].append(part)
-            bars[part.setting].update(len(part.indices))
+            name, i = futures[future]
+            part = journal.complete(name, i, seeds[name][i], todo[(name, i)][0], future.result())
+            journal.save(part)
+            parts[name].append(part)
+            bars[name].update(1)
         trace = trace_future.result() if trace_future is not None else None
     except BaseException:
         if executor is not None:

@@ -135,7 +135,8 @@ def run_evaluation(
     ``report.json``, figures) to ``out``.
 
     Resumable: each finished task is stored under ``<out>/tasks`` (:mod:`l3rs.meta.eval_journal`), so the same call
-    after an interruption, or with more ``tasks``, runs only the tasks not yet done; the report is the same.
+    after an interruption, with more ``tasks`` or with another artifact beside the same baselines, runs only the
+    tasks and rows not yet done; the report is the same as an uninterrupted one's.
 
     Args:
       cfg: the validated config (``evaluate`` section: k_grid, adam_lrs, settings, other dataset/checkpoint).
@@ -187,16 +188,21 @@ def run_evaluation(
     once = len(optimizers) - per_k
     steps = _steps_per_task(cfg, {"per_k": per_k, "once": once})
     journal = TaskJournal(out, cfg, specs, optimizers)
-    resumed = len(journal.stored(specs, seeds))
+    stored = journal.stored(specs, seeds)
+    resumed = {
+        "tasks": sum(1 for got in stored.values() if not journal.missing(got)),
+        "rows": sum(len(got) for got in stored.values()),
+    }
     if progress:
         print(
             f"l3rs evaluate: {len(specs)} setting(s) x {num_tasks} task(s) x {len(optimizers)} optimizers, "
             f"K in {list(cfg.evaluate.k_grid)}: {steps} training steps per task, {workers} process(es).",
             file=sys.stderr,
         )
-        if resumed:
-            print(f"l3rs evaluate: resuming: {resumed} of {len(specs) * num_tasks} tasks already done "
-                  f"(kept in {journal.root}).", file=sys.stderr)  # fmt: skip
+        if stored:
+            print(f"l3rs evaluate: resuming from {journal.root}: {resumed['tasks']} of {len(specs) * num_tasks} "
+                  f"tasks done, {resumed['rows']} of {len(specs) * num_tasks * len(optimizers)} task x optimizer "
+                  "runs stored; running the rest.", file=sys.stderr)  # fmt: skip
     # Fig. 4 (λ and μ per layer) exists for L3RS only: the first L3RS row (ψ₀ without artifacts), on setting A if
     # evaluated; none when every learned row is another family.
     trace_opt = next((o for o in optimizers if o.kind == "learned" and o.config.family == "l3rs"), None)
@@ -222,7 +228,7 @@ def run_evaluation(
         meta={
             "workers": workers,
             "tasks_per_setting": num_tasks,
-            "tasks_resumed": resumed,  # read back from <out>/tasks, not run (and not timed) by this call
+            "resumed": resumed,  # tasks and task x optimizer runs read back from <out>/tasks, not run (or timed) here
             "steps_per_task": steps,
             "compiles": {k: v.compiles for k, v in results.items()},
             "seconds": seconds,

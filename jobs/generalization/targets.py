@@ -1,0 +1,167 @@
+"""Issue 11's targets, checked against an evaluation's ``report.json``: one line per target, with the numbers.
+
+    python jobs/generalization/targets.py REPORT.json [--optimizer L3RS] [--json]
+
+Reads only the report (its per-task numbers, best-Adam choice per K, speedups, and the meta-training K range). A
+target whose inputs the report lacks (a setting not evaluated, no FC-LOpt row, K = 5 × K_max not on the grid) is
+"not measured", never passed. The exit code is 0 whatever the outcome: this states results, it does not gate.
+
+Targets (issue 11, "Targets"):
+
+- A: the optimizer beats best Adam (mean accuracy) at every K ≤ K_max and wins ≥ 75 % of the tasks there; speedup
+  ≥ 2× at every K ≥ 25; at K = 10, ≥ best Adam + 10 points and ≥ ψ₀ + 5 points; at K = 5 × K_max, ≥ best Adam − 0.5.
+- B–E: no non-finite loss and no task below best Adam − 2 points (per task, best Adam's variant of that K) at any
+  K; ahead of best Adam (mean) at every K ≤ K_max; in B and D, ahead of FC-LOpt and VeLO (ft) (mean) at every K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+PT = 100.0  # accuracies are fractions in report.json; targets are in points
+
+
+def _acc(setting: dict[str, Any], name: str) -> np.ndarray | None:
+    got = setting["per_task"]["accuracy"].get(name)
+    return None if got is None else np.asarray(got, np.float64) * PT  # [tasks, K]
+
+
+def _loss(setting: dict[str, Any], name: str) -> np.ndarray | None:
+    got = setting["per_task"]["loss"].get(name)
+    return None if got is None else np.asarray(got, np.float64)
+
+
+def _best_adam(setting: dict[str, Any]) -> np.ndarray:
+    return np.asarray(setting["per_task"]["best Adam"]["accuracy"], np.float64) * PT
+
+
+def _row(name: str, ok: bool | None, value: str) -> dict[str, Any]:
+    return {"target": name, "status": {True: "met", False: "missed", None: "not measured"}[ok], "value": value}
+
+
+def _ks(ks: list[int], mask: list[bool]) -> str:
+    return ", ".join(str(k) for k, m in zip(ks, mask, strict=True) if m) or "none"
+
+
+def check(report: dict[str, Any], opt: str = "L3RS", psi0: str | None = None) -> list[dict[str, Any]]:
+    """The targets for the optimizer row ``opt`` (ψ₀ row: ``psi0``, default ``f"{opt} ψ₀"``)."""
+    psi0 = psi0 or f"{opt} ψ₀"
+    k_max = int(report["meta"]["meta_train_k_range"][1])
+    out = []
+    settings = report["settings"]
+    a = settings.get("A")
+    if a is None:
+        out.append(_row("A: every target", None, "setting A not evaluated"))
+    else:
+        ks = [int(k) for k in a["k_grid"]]
+        mine, best = _acc(a, opt), _best_adam(a)
+        inside = [k <= k_max for k in ks]
+        means, best_means = mine.mean(0), best.mean(0)
+        ahead = [bool(m > b) for m, b in zip(means, best_means, strict=True)]
+        wins = (mine > best + 1e-9).mean(0)
+        ok = all(x for x, i in zip(ahead, inside, strict=True) if i)
+        out.append(_row("A: mean above best Adam at every K ≤ K_max", ok,
+                        "; ".join(f"K={k}: {m:.1f} vs {b:.1f}" for k, m, b, i
+                                  in zip(ks, means, best_means, inside, strict=True) if i)))  # fmt: skip
+        ok = all(w >= 0.75 for w, i in zip(wins, inside, strict=True) if i)
+        out.append(
+            _row(
+                "A: wins ≥ 75 % of tasks at every K ≤ K_max",
+                ok,
+                "; ".join(f"K={k}: {100 * w:.0f} %" for k, w, i in zip(ks, wins, inside, strict=True) if i),
+            )
+        )
+        speed = {int(r["k_baseline"]): r for r in report["speedup"]["by_setting"].get("A", {}).get(opt, [])}
+        values = [(k, speed[k]) for k in ks if k >= 25 and k in speed]
+        ok = bool(values) and all(r["speedup"] >= 2.0 for _, r in values)
+        out.append(_row("A: speedup ≥ 2× at every K ≥ 25", ok if values else None,
+                        "; ".join(f"K={k}: {r['bound']}{r['speedup']:.2f}×" for k, r in values)))  # fmt: skip
+        if 10 in ks:
+            j = ks.index(10)
+            gain = means[j] - best_means[j]
+            out.append(_row("A: K=10 ≥ best Adam + 10 points", bool(gain >= 10), f"{gain:+.1f} points"))
+            base = _acc(a, psi0)
+            if base is not None:
+                gain0 = means[j] - base.mean(0)[j]
+                out.append(_row("A: K=10 ≥ ψ₀ + 5 points (meta-learning's own gain)", bool(gain0 >= 5),
+                                f"{gain0:+.1f} points"))  # fmt: skip
+        far = 5 * k_max
+        if far in ks:
+            j = ks.index(far)
+            gap = means[j] - best_means[j]
+            out.append(_row(f"A: K={far} (5 × K_max) ≥ best Adam − 0.5", bool(gap >= -0.5), f"{gap:+.2f} points"))
+        else:
+            out.append(_row("A: K = 5 × K_max ≥ best Adam − 0.5", None, f"K={far} not on the grid"))
+    for name in "BCDE":
+        s = settings.get(name)
+        if s is None:
+            out.append(_row(f"{name}: every target", None, "not evaluated"))
+            continue
+        ks = [int(k) for k in s["k_grid"]]
+        mine, best, loss = _acc(s, opt), _best_adam(s), _loss(s, opt)
+        nonfinite = int((~np.isfinite(loss)).sum())
+        below = mine < best - 2.0
+        worst = (mine - best).min(0)
+        out.append(_row(f"{name}: no non-finite loss", nonfinite == 0, f"{nonfinite} of {loss.size} runs"))
+        out.append(_row(f"{name}: no task below best Adam − 2 points, any K", not below.any(),
+                        "; ".join(f"K={k}: {int(n)}/{len(mine)} (worst {w:+.0f})" for k, n, w
+                                  in zip(ks, below.sum(0), worst, strict=True))))  # fmt: skip
+        means, best_means = mine.mean(0), best.mean(0)
+        inside = [k <= k_max for k in ks]
+        behind = [bool(m <= b) and i for m, b, i in zip(means, best_means, inside, strict=True)]
+        out.append(
+            _row(
+                f"{name}: mean above best Adam at every K ≤ K_max",
+                not any(behind),
+                "; ".join(f"K={k}: {m:.1f} vs {b:.1f}" for k, m, b in zip(ks, means, best_means, strict=True)),
+            )
+        )
+        if name in "BD":
+            for other in ("FC-LOpt", "VeLO (ft)"):
+                theirs = _acc(s, other)
+                if theirs is None:
+                    out.append(_row(f"{name}: above {other} at every K", None, f"no {other} row"))
+                    continue
+                them = theirs.mean(0)
+                ok = all(m > t for m, t in zip(means, them, strict=True))
+                out.append(
+                    _row(
+                        f"{name}: above {other} at every K",
+                        ok,
+                        "; ".join(f"K={k}: {m:.1f} vs {t:.1f}" for k, m, t in zip(ks, means, them, strict=True)),
+                    )
+                )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], report: dict[str, Any], opt: str) -> str:
+    n = report["meta"].get("tasks_per_setting")
+    lines = [f"Issue 11's targets for {opt} ({n} tasks per setting, K ∈ {report['meta']['k_grid']}, "
+             f"meta-training K ≤ {report['meta']['meta_train_k_range'][1]}):", "",
+             "| target | status | measured |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['target']} | {r['status']} | {r['value']} |" for r in rows]
+    met = sum(r["status"] == "met" for r in rows)
+    lines += ["", f"{met} of {len(rows)} met."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("report")
+    ap.add_argument("--optimizer", default="L3RS")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = ap.parse_args(argv)
+    with open(args.report) as f:
+        report = json.load(f)
+    rows = check(report, args.optimizer)
+    print(json.dumps(rows, indent=1, ensure_ascii=False) if args.json else markdown(rows, report, args.optimizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
