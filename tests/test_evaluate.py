@@ -388,7 +388,7 @@ def test_a_stopped_evaluation_resumes_and_a_new_row_runs_alone(env, pool_report,
     key = setting_key(cfg, specs[0])
     same = cfg.replace(evaluate={"tasks": 9, "workers": 2, "settings": ["A"], "adam_lrs": [1e-4]})
     assert setting_key(same, specs[0]) == key
-    assert setting_key(cfg.replace(evaluate={"k_grid": [5, 10]}), specs[0]) != key
+    assert setting_key(cfg.replace(evaluate={"k_grid": [5, 10, 40]}), specs[0]) != key
     assert setting_key(cfg.replace(task={"batch_size": 16}), specs[0]) != key
     assert setting_key(cfg.replace(evaluate={"seed": 1}), specs[0]) != key
     assert len({row_key(o) for o in opts}) == len(opts)  # every row computes something else
