@@ -1,6 +1,6 @@
 """Issue 11's targets, checked against an evaluation's ``report.json``: one line per target, with the numbers.
 
-    python jobs/generalization/targets.py REPORT.json [--optimizer L3RS] [--json]
+    python jobs/generalization/targets.py REPORT.json [--optimizer L3RS] [--psi0 "L3RS ψ₀"] [--json]
 
 Reads only the report (its per-task numbers, best-Adam choice per K, speedups, and the meta-training K range). A
 target whose inputs the report lacks (a setting not evaluated, no FC-LOpt row, K = 5 × K_max not on the grid) is
@@ -49,8 +49,11 @@ def _ks(ks: list[int], mask: list[bool]) -> str:
 
 
 def check(report: dict[str, Any], opt: str = "L3RS", psi0: str | None = None) -> list[dict[str, Any]]:
-    """The targets for the optimizer row ``opt`` (ψ₀ row: ``psi0``, default ``f"{opt} ψ₀"``)."""
-    psi0 = psi0 or f"{opt} ψ₀"
+    """The targets for the optimizer row ``opt``, against the ψ₀ row ``psi0`` (default ``f"{opt} ψ₀"`` if the report
+    has it, else its first ψ₀ row: with several artifacts of one family, ψ₀ is the family's, "L3RS ψ₀")."""
+    if psi0 is None:
+        names = [o["name"] for o in report["optimizers"]]
+        psi0 = f"{opt} ψ₀" if f"{opt} ψ₀" in names else next((n for n in names if n.endswith("ψ₀")), f"{opt} ψ₀")
     k_max = int(report["meta"]["meta_train_k_range"][1])
     out = []
     settings = report["settings"]
@@ -154,11 +157,12 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report")
     ap.add_argument("--optimizer", default="L3RS")
+    ap.add_argument("--psi0", default=None, help='the ψ₀ row (default: "<optimizer> ψ₀", else the first ψ₀ row)')
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
     with open(args.report) as f:
         report = json.load(f)
-    rows = check(report, args.optimizer)
+    rows = check(report, args.optimizer, args.psi0)
     print(json.dumps(rows, indent=1, ensure_ascii=False) if args.json else markdown(rows, report, args.optimizer))
     return 0
 
