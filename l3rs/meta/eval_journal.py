@@ -35,7 +35,7 @@ from l3rs.meta.eval_optimizers import OptimizerSpec
 from l3rs.meta.eval_setting import SettingResult
 from l3rs.meta.settings import SettingSpec
 
-__all__ = ["FOLDER", "TaskJournal", "setting_key", "row_key"]
+__all__ = ["FOLDER", "Stored", "TaskJournal", "setting_key", "row_key"]
 
 FOLDER = "tasks"
 FORMAT = "l3rs-evaluation-task/2"

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from l3rs.config import Config
-from l3rs.meta.eval_journal import TaskJournal
+from l3rs.meta.eval_journal import Stored, TaskJournal
 from l3rs.meta.eval_optimizers import OptimizerSpec
 from l3rs.meta.eval_setting import SettingResult, clear_runners, evaluate_setting, merge_results
 from l3rs.meta.settings import SettingSpec
@@ -67,6 +67,28 @@ def _init_child(env: Mapping[str, str]) -> None:
     claim_cores(1)
 
 
+Todo = dict[tuple[str, int], tuple[Stored, list[OptimizerSpec]]]
+
+
+def _plan(
+    journal: TaskJournal, specs: Sequence[SettingSpec], seeds: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, list[SettingResult]], Todo]:
+    """Splits the work by what ``journal`` holds: the tasks with every row stored (as results, by setting) and the
+    others, ``(setting, task index) -> (stored rows, missing rows)``, setting by setting in task order."""
+    stored = journal.stored(specs, seeds)
+    done: dict[str, list[SettingResult]] = {s.name: [] for s in specs}
+    todo: Todo = {}
+    for s in specs:
+        for i, seed in enumerate(seeds[s.name]):
+            got = stored.get((s.name, i), {})
+            missing = journal.missing(got)
+            if missing:
+                todo[(s.name, i)] = (got, missing)
+            else:
+                done[s.name].append(journal.complete(s.name, i, seed, got, None))
+    return done, todo
+
+
 def _bars(specs: Sequence[SettingSpec], num_tasks: int, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -92,22 +114,19 @@ def run_in_process(
     trace_setting = "A" if any(s.name == "A" for s in specs) else (specs[0].name if specs else None)
     trace_setting = trace_setting if trace_opt is not None else None
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
-    stored = journal.stored(specs, seeds)
+    parts, todo = _plan(journal, specs, seeds)
+    by_name = {s.name: s for s in specs}
     bars = _bars(specs, num_tasks, progress)
-    results = {}
     try:
-        for s in specs:
-            parts = []
-            for i in range(num_tasks):
-                got = stored.get((s.name, i), {})
-                missing = journal.missing(got)
-                new = evaluate_setting(cfg, s, missing, seeds[s.name], shard=(i, num_tasks)) if missing else None
-                part = journal.complete(s.name, i, seeds[s.name][i], got, new)
-                if new is not None:
-                    journal.save(part)
-                parts.append(part)
-                bars[s.name].update(1)
-            results[s.name] = merge_results(parts)
+        for name, done in parts.items():
+            bars[name].update(len(done))
+        for (name, i), (got, missing) in todo.items():
+            new = evaluate_setting(cfg, by_name[name], missing, seeds[name], shard=(i, num_tasks))
+            part = journal.complete(name, i, seeds[name][i], got, new)
+            journal.save(part)
+            parts[name].append(part)
+            bars[name].update(1)
+        results = {name: merge_results(p) for name, p in parts.items() if p}
         clear_runners()  # free the settings' data and loops
         trace = trace_layer_stats(cfg, trace_opt, setting=trace_setting) if trace_setting else None
     finally:
@@ -139,19 +158,10 @@ def run_pool(
     env = child_env(cache_dir)
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
     trace_setting = "A" if any(s.name == "A" for s in specs) else specs[0].name
-    stored = journal.stored(specs, seeds)
+    parts, todo = _plan(journal, specs, seeds)
     bars = _bars(specs, num_tasks, progress)
-    parts: dict[str, list[SettingResult]] = {s.name: [] for s in specs}
-    todo = {}  # (setting, task index) -> (stored rows, missing rows)
-    for s in specs:
-        for i in range(num_tasks):
-            got = stored.get((s.name, i), {})
-            missing = journal.missing(got)
-            if missing:
-                todo[(s.name, i)] = (got, missing)
-            else:
-                parts[s.name].append(journal.complete(s.name, i, seeds[s.name][i], got, None))
-                bars[s.name].update(1)
+    for name, done in parts.items():
+        bars[name].update(len(done))
     executor = None
     try:
         with _environ(env):  # every child process is started by a submit below, with this environment
