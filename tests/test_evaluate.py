@@ -386,8 +386,10 @@ def test_a_stopped_evaluation_resumes_and_a_new_row_runs_alone(env, pool_report,
     specs, _ = ev.plan_settings(cfg, ["A"])
     opts = ev.build_optimizers(cfg, ev.load_artifacts([env["psi"]]))
     key = setting_key(cfg, specs[0])
-    same = cfg.replace(evaluate={"tasks": 9, "workers": 2, "settings": ["A"], "adam_lrs": [1e-4]})
+    same = cfg.replace(evaluate={"tasks": 9, "workers": 2, "settings": ["A"], "adam_lrs": [1e-4]},
+                       run={"name": "another-run"}, nes={"sigma": 0.1})  # fmt: skip
     assert setting_key(same, specs[0]) == key
+    assert setting_key(cfg.replace(run={"seed": 1}), specs[0]) != key
     assert setting_key(cfg.replace(evaluate={"k_grid": [5, 10, 40]}), specs[0]) != key
     assert setting_key(cfg.replace(task={"batch_size": 16}), specs[0]) != key
     assert setting_key(cfg.replace(evaluate={"seed": 1}), specs[0]) != key

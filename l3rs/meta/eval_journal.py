@@ -4,9 +4,10 @@ and a new row beside old ones runs only the new row.
 An evaluation is many independent (setting, task) jobs, and within a job each optimizer row's numbers depend only on
 (config, setting, θ0, that row, the task seed) (:func:`l3rs.meta.eval_setting.evaluate_setting` is pure work). Each
 finished job is written, atomically, to ``<out>/tasks/<setting>/<setting key>/task-<index>.json``, holding one entry
-per optimizer row under the row's own key. ``<setting key>`` hashes the config (without the fields that only say how
-many tasks run, where and which settings: ``evaluate.tasks``, ``evaluate.workers``, ``evaluate.settings``, nor which
-rows: ``evaluate.adam_lrs``, ``evaluate.head_only_baselines``), the setting (dataset, θ0's name) and θ0's files; a
+per optimizer row under the row's own key. ``<setting key>`` hashes what the tasks depend on: the config's [data],
+[model], [task] and [evaluate] sections (without the fields that only say how many tasks run, where and which
+settings: ``evaluate.tasks``, ``evaluate.workers``, ``evaluate.settings``, nor which rows: ``evaluate.adam_lrs``,
+``evaluate.head_only_baselines``) and ``run.seed``, the setting (dataset, θ0's name) and θ0's files; a
 row's key hashes its family and parameters (ψ), not its label. So, with the same ``--out``:
 
 - a crashed or interrupted evaluation, run again, computes only the tasks it has not finished;
@@ -39,6 +40,9 @@ __all__ = ["FOLDER", "Stored", "TaskJournal", "setting_key", "row_key"]
 
 FOLDER = "tasks"
 FORMAT = "l3rs-evaluation-task/2"
+# What a task's numbers depend on: the data, the model, the task shape and the evaluation protocol (and run.seed).
+# Not: [run] names and storage, [nes], [workers], [pretrain]; [optimizer] only through the ψ₀ row's own key.
+_SECTIONS_IN_KEY = ("data", "model", "task")
 # [evaluate] fields that choose how many tasks run, where, which settings and which rows, not what a row computes.
 _NOT_IN_KEY = ("tasks", "workers", "settings", "adam_lrs", "head_only_baselines")
 
@@ -58,10 +62,13 @@ def _add_files(uri: str, h: Any) -> None:
 
 
 def setting_key(cfg: Config, setting: SettingSpec) -> str:
-    """The hash that names a setting's stored tasks: the config (minus the fields in ``_NOT_IN_KEY``), the setting and
-    θ0's files. Equal keys ⇔ the same tasks, data, model, θ0 and K grid."""
-    conf = cfg.to_dict()
-    conf["evaluate"] = {k: v for k, v in conf.get("evaluate", {}).items() if k not in _NOT_IN_KEY}
+    """The hash that names a setting's stored tasks: the config's [data], [model], [task], [evaluate] (minus the fields
+    in ``_NOT_IN_KEY``) and ``run.seed``, the setting and θ0's files. Equal keys ⇔ the same tasks, data, model, θ0 and
+    K grid."""
+    full = cfg.to_dict()
+    conf = {name: full[name] for name in _SECTIONS_IN_KEY}
+    conf["evaluate"] = {k: v for k, v in full["evaluate"].items() if k not in _NOT_IN_KEY}
+    conf["seed"] = full["run"]["seed"]  # with evaluate.seed, the task seeds
     h = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode())
     h.update(json.dumps(dataclasses.asdict(setting), sort_keys=True, default=str).encode())
     _add_files(setting.checkpoint, h)
