@@ -2,7 +2,8 @@
 # Issue 11's measurement on the embedded glyphs benchmark: 32 tasks per setting on fresh task seeds
 # (evaluate.seed = 7; the demo and the stability ablation used 2024), K up to 5 x K_max = 500, Adam constant and
 # cosine at 5 learning rates (best per K), every setting A-E; then FC-LOpt and VeLO (ft), meta-trained on glyphs with
-# L3RS's budget, beside L3RS in settings B and D. docs/generalization/ holds what these commands wrote.
+# L3RS's budget, beside L3RS in settings B and D; then G1 (the bound alone). docs/generalization/ holds what these
+# commands wrote.
 #
 #   make demo                                  # θ0s and this machine's ψ -> runs/demo (18.7 min on 2 idle cores)
 #   bash jobs/generalization/run.sh [PREVIOUS_PSI]
@@ -35,5 +36,12 @@ mkdir -p runs/eval32-both && cp -rn runs/eval32/tasks runs/eval32-both/
 mkdir -p runs/eval32-bd && cp -rn runs/eval32-both/tasks runs/eval32-bd/
 "$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${PSIS[@]}" \
   --psi $S/glyphs-fc-lopt/psi --psi $S/glyphs-velo-ft/psi --out runs/eval32-bd
-# 5. The targets.
+# 5. G1, the bound alone (the first release's absolute features, λ <= 10 Adam steps), same budget: only its rows run.
+"$L3RS" train --config $CFG "${CK[@]}" --run-name G1-bound10 \
+  --set optimizer.feature_scale=absolute --set optimizer.lambda_max_adam_ratio=10
+mkdir -p runs/eval32-g1 && cp -rn runs/eval32-both/tasks runs/eval32-g1/
+"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${PSIS[@]}" \
+  --psi $S/G1-bound10/psi --out runs/eval32-g1
+# 6. The targets.
 python jobs/generalization/targets.py runs/eval32-both/report.json --optimizer L3RS
+python jobs/generalization/targets.py runs/eval32-g1/report.json --optimizer "L3RS (G1-bound10)"
