@@ -400,7 +400,9 @@ def test_a_stopped_evaluation_resumes_and_a_new_row_runs_alone(env, pool_report,
     assert len(journal.load("A", 0, seeds[0])) == rows and journal.load("A", 0, seeds[1]) == {}
     next(copy.glob("tasks/A/*/task-0.json")).write_text("{not json")
     assert journal.load("A", 0, seeds[0]) == {}
-    assert sorted(journal.stored(specs, {"A": seeds})) == [("A", 1), ("A", 2), ("A", 3)]
+    plan = journal.plan(specs, {"A": seeds})
+    assert [int(p.indices[0]) for p in plan.done["A"]] == [1, 2, 3] and list(plan.todo) == [("A", 0)]
+    assert plan.rows_stored == 3 * rows
     assert journal.missing(journal.load("A", 1, seeds[1])) == []
 
 

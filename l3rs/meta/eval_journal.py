@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from l3rs.meta.eval_optimizers import OptimizerSpec
 from l3rs.meta.eval_setting import SettingResult
 from l3rs.meta.settings import SettingSpec
 
-__all__ = ["FOLDER", "Stored", "TaskJournal", "setting_key", "row_key"]
+__all__ = ["FOLDER", "Plan", "Stored", "TaskJournal", "setting_key", "row_key"]
 
 FOLDER = "tasks"
 FORMAT = "l3rs-evaluation-task/2"
@@ -47,6 +47,19 @@ _SECTIONS_IN_KEY = ("data", "model", "task")
 _NOT_IN_KEY = ("tasks", "workers", "settings", "adam_lrs", "head_only_baselines")
 
 Stored = dict[str, tuple[np.ndarray, np.ndarray]]  # row name -> (accuracy [K], loss [K])
+
+
+class Plan(NamedTuple):
+    """The work of an evaluation split by what its journal holds (:meth:`TaskJournal.plan`).
+
+    ``done``: by setting, the tasks with every row stored, as one-task results. ``todo``: ``(setting, task index) ->
+    (stored rows, missing rows)`` for the others, setting by setting in task order. ``rows_stored``: task × optimizer
+    runs read back (those of ``done`` and those already in ``todo``'s tasks).
+    """
+
+    done: dict[str, list[SettingResult]]
+    todo: dict[tuple[str, int], tuple[Stored, list[OptimizerSpec]]]
+    rows_stored: int
 
 
 def _add_files(uri: str, h: Any) -> None:
@@ -126,16 +139,22 @@ class TaskJournal:
                 found[name] = (acc, loss)
         return found
 
-    def stored(self, specs: Sequence[SettingSpec], seeds: Mapping[str, Sequence[int]]) -> dict[tuple[str, int], Stored]:
-        """What is stored, by (setting, task index), for the tasks ``seeds[setting][index]`` (tasks with no row
-        stored are left out)."""
-        found = {}
+    def plan(self, specs: Sequence[SettingSpec], seeds: Mapping[str, Sequence[int]]) -> Plan:
+        """Reads every task file of ``specs`` once and splits the tasks ``seeds[setting][index]`` into those with
+        every row stored and those still to run (:class:`Plan`)."""
+        done: dict[str, list[SettingResult]] = {s.name: [] for s in specs}
+        todo: dict[tuple[str, int], tuple[Stored, list[OptimizerSpec]]] = {}
+        rows = 0
         for s in specs:
             for i, seed in enumerate(seeds[s.name]):
                 got = self.load(s.name, i, seed)
-                if got:
-                    found[(s.name, i)] = got
-        return found
+                rows += len(got)
+                missing = self.missing(got)
+                if missing:
+                    todo[(s.name, i)] = (got, missing)
+                else:
+                    done[s.name].append(self.complete(s.name, i, seed, got, None))
+        return Plan(done, todo, rows)
 
     def missing(self, got: Stored) -> list[OptimizerSpec]:
         """This evaluation's rows that ``got`` (one task's stored numbers) lacks, in order."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from l3rs.config import Config
-from l3rs.meta.eval_journal import Stored, TaskJournal
+from l3rs.meta.eval_journal import Plan, TaskJournal
 from l3rs.meta.eval_optimizers import OptimizerSpec
 from l3rs.meta.eval_setting import SettingResult, clear_runners, evaluate_setting, merge_results
 from l3rs.meta.settings import SettingSpec
@@ -67,28 +67,6 @@ def _init_child(env: Mapping[str, str]) -> None:
     claim_cores(1)
 
 
-Todo = dict[tuple[str, int], tuple[Stored, list[OptimizerSpec]]]
-
-
-def _plan(
-    journal: TaskJournal, specs: Sequence[SettingSpec], seeds: Mapping[str, Sequence[int]]
-) -> tuple[dict[str, list[SettingResult]], Todo]:
-    """Splits the work by what ``journal`` holds: the tasks with every row stored (as results, by setting) and the
-    others, ``(setting, task index) -> (stored rows, missing rows)``, setting by setting in task order."""
-    stored = journal.stored(specs, seeds)
-    done: dict[str, list[SettingResult]] = {s.name: [] for s in specs}
-    todo: Todo = {}
-    for s in specs:
-        for i, seed in enumerate(seeds[s.name]):
-            got = stored.get((s.name, i), {})
-            missing = journal.missing(got)
-            if missing:
-                todo[(s.name, i)] = (got, missing)
-            else:
-                done[s.name].append(journal.complete(s.name, i, seed, got, None))
-    return done, todo
-
-
 def _bars(specs: Sequence[SettingSpec], num_tasks: int, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -102,25 +80,25 @@ def _bars(specs: Sequence[SettingSpec], num_tasks: int, progress: bool) -> dict[
 def run_in_process(
     cfg: Config,
     specs: Sequence[SettingSpec],
-    optimizers: Sequence[OptimizerSpec],
     seeds: Mapping[str, Sequence[int]],
     trace_opt: OptimizerSpec | None,
     progress: bool,
     journal: TaskJournal,
+    plan: Plan,
 ) -> tuple[dict[str, SettingResult], dict[str, Any] | None]:
-    """Every setting's tasks in this process (the rows ``journal`` lacks; each task stored there when done), then the
-    Fig. 4 trace (of ``trace_opt`` on setting A if evaluated, else the first; none when ``trace_opt`` is None). Returns
-    (results by setting, trace)."""
+    """Every setting's tasks in this process (the missing rows of ``plan.todo``; each task stored in ``journal`` when
+    done, beside the tasks of ``plan.done``), then the Fig. 4 trace (of ``trace_opt`` on setting A if evaluated, else
+    the first; none when ``trace_opt`` is None). Returns (results by setting, trace)."""
     trace_setting = "A" if any(s.name == "A" for s in specs) else (specs[0].name if specs else None)
     trace_setting = trace_setting if trace_opt is not None else None
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
-    parts, todo = _plan(journal, specs, seeds)
+    parts = {name: list(done) for name, done in plan.done.items()}
     by_name = {s.name: s for s in specs}
     bars = _bars(specs, num_tasks, progress)
     try:
         for name, done in parts.items():
             bars[name].update(len(done))
-        for (name, i), (got, missing) in todo.items():
+        for (name, i), (got, missing) in plan.todo.items():
             new = evaluate_setting(cfg, by_name[name], missing, seeds[name], shard=(i, num_tasks))
             part = journal.complete(name, i, seeds[name][i], got, new)
             journal.save(part)
@@ -138,16 +116,16 @@ def run_in_process(
 def run_pool(
     cfg: Config,
     specs: Sequence[SettingSpec],
-    optimizers: Sequence[OptimizerSpec],
     seeds: Mapping[str, Sequence[int]],
     trace_opt: OptimizerSpec | None,
     progress: bool,
     workers: int,
     journal: TaskJournal,
+    plan: Plan,
 ) -> tuple[dict[str, SettingResult], dict[str, Any] | None]:
     """As :func:`run_in_process`, in ``workers`` spawn processes (:func:`child_env`: CPU, single-threaded XLA, a
-    shared persistent compilation cache), one job per (task, setting) with the rows ``journal`` lacks; each task is
-    stored as its job finishes; shards are merged by task index."""
+    shared persistent compilation cache), one job per (task, setting) of ``plan.todo`` with its missing rows; each task
+    is stored as its job finishes; shards are merged by task index."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -158,7 +136,7 @@ def run_pool(
     env = child_env(cache_dir)
     num_tasks = len(next(iter(seeds.values()))) if seeds else 0
     trace_setting = "A" if any(s.name == "A" for s in specs) else specs[0].name
-    parts, todo = _plan(journal, specs, seeds)
+    parts, todo = {name: list(done) for name, done in plan.done.items()}, plan.todo
     bars = _bars(specs, num_tasks, progress)
     for name, done in parts.items():
         bars[name].update(len(done))

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -146,7 +146,6 @@ def evaluate_setting(
     task_seeds: Sequence[int],
     *,
     shard: tuple[int, int] = (0, 1),
-    on_task: Callable[[int], None] | None = None,
 ) -> SettingResult:
     """Runs every optimizer at every K of ``cfg.evaluate.k_grid`` on the tasks ``task_seeds[i::n]``.
 
@@ -160,7 +159,6 @@ def evaluate_setting(
       optimizers: from :func:`build_optimizers`.
       task_seeds: all task seeds of the setting (:func:`eval_task_seeds`).
       shard: ``(i, n)``: this call runs the tasks with index ≡ i (mod n).
-      on_task: called with a task's index when it is done (progress).
     """
     start = time.perf_counter()
     spec = setting_spec(cfg, setting) if isinstance(setting, str) else setting
@@ -175,8 +173,6 @@ def evaluate_setting(
         a, lo = runner.run_task(task_seeds[index])
         for name in acc:
             acc[name][row], loss[name][row] = a[name], lo[name]
-        if on_task is not None:
-            on_task(index)
     return SettingResult(
         setting=spec.name,
         k_grid=runner.k_grid,

@@ -188,18 +188,15 @@ def run_evaluation(
     once = len(optimizers) - per_k
     steps = _steps_per_task(cfg, {"per_k": per_k, "once": once})
     journal = TaskJournal(out, cfg, specs, optimizers)
-    stored = journal.stored(specs, seeds)
-    resumed = {
-        "tasks": sum(1 for got in stored.values() if not journal.missing(got)),
-        "rows": sum(len(got) for got in stored.values()),
-    }
+    plan = journal.plan(specs, seeds)
+    resumed = {"tasks": sum(len(done) for done in plan.done.values()), "rows": plan.rows_stored}
     if progress:
         print(
             f"l3rs evaluate: {len(specs)} setting(s) x {num_tasks} task(s) x {len(optimizers)} optimizers, "
             f"K in {list(cfg.evaluate.k_grid)}: {steps} training steps per task, {workers} process(es).",
             file=sys.stderr,
         )
-        if stored:
+        if plan.rows_stored:
             print(f"l3rs evaluate: resuming from {journal.root}: {resumed['tasks']} of {len(specs) * num_tasks} "
                   f"tasks done, {resumed['rows']} of {len(specs) * num_tasks * len(optimizers)} task x optimizer "
                   "runs stored; running the rest.", file=sys.stderr)  # fmt: skip
@@ -208,9 +205,9 @@ def run_evaluation(
     trace_opt = next((o for o in optimizers if o.kind == "learned" and o.config.family == "l3rs"), None)
     run_start = time.perf_counter()
     if workers <= 1 or not specs:
-        results, trace = run_in_process(cfg, specs, optimizers, seeds, trace_opt, progress, journal)
+        results, trace = run_in_process(cfg, specs, seeds, trace_opt, progress, journal, plan)
     else:
-        results, trace = run_pool(cfg, specs, optimizers, seeds, trace_opt, progress, workers, journal)
+        results, trace = run_pool(cfg, specs, seeds, trace_opt, progress, workers, journal, plan)
     seconds = {
         "evaluation": round(time.perf_counter() - run_start, 3),
         "per_setting_process_seconds": {k: round(v.seconds, 3) for k, v in results.items()},
