@@ -66,11 +66,12 @@ class L3RSConfig:
         ``lambda_skip=False``; both are the same function class, the skip only makes ψ₀ = Adam(init_lr) exact.
       eps: added inside every log-norm and norm division.
 
-    Stability options (issue 11). The defaults, a bound of 10 Adam-equivalent steps and scale-free features, were
-    chosen by a meta-training ablation on the glyphs benchmark (docs/stability.md); ``feature_scale="absolute"``,
-    ``lambda_max_adam_ratio=None`` (``"none"`` in TOML), ``past_horizon="extrapolate"`` and
-    ``absolute_time_k_max=None`` are the original behaviour, bit for bit, which artifacts written before these
-    fields existed keep (:data:`LEGACY_VALUES`):
+    Stability options (issue 11). The default, a bound of 10 Adam-equivalent steps on §4.1's absolute features
+    ("G1"), was chosen by meta-training each option with the demo's budget on the glyphs benchmark and measuring it
+    on 32 fresh tasks per setting (docs/stability.md, docs/generalization). ``lambda_max_adam_ratio=None``
+    (``"none"`` in TOML), ``past_horizon="extrapolate"`` and ``absolute_time_k_max=None`` with the absolute features
+    are the original behaviour, bit for bit, which artifacts written before these fields existed keep
+    (:data:`LEGACY_VALUES`):
 
       feature_scale: how the norm and loss features are scaled. ``"absolute"`` (§4.1 as written): EMAs of log‖w‖,
         log‖g‖ and the loss L, and log‖d_p‖. ``"relative"``: every norm relative to its value at the layer's first
@@ -107,7 +108,7 @@ class L3RSConfig:
     init_mixing: tuple[float, ...] | None = None
     lambda_skip: bool = True
     eps: float = 1e-8
-    feature_scale: FeatureScale = "log_relative"
+    feature_scale: FeatureScale = "absolute"
     lambda_max_adam_ratio: float | None = 10.0
     past_horizon: PastHorizon = "extrapolate"
     absolute_time_k_max: float | None = None
