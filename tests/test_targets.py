@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,3 +70,42 @@ def test_a_doctored_task_flips_the_per_task_and_nonfinite_targets(targets, repor
     assert "K=25: 1/16 (worst -2)" in rows["B: no task below best Adam − 2 points, any K"]["value"]
     assert rows["B: no non-finite loss"] == {"target": "B: no non-finite loss", "status": "missed",
                                              "value": "1 of 80 runs"}  # fmt: skip
+
+
+def test_reports_of_the_same_tasks_merge_setting_by_setting(targets, report):
+    """A second evaluation that added rows in B only (as run.sh's B/D one adds FC-LOpt): its B wins, A stays the
+    first report's; reports of other tasks are refused."""
+    extra = copy.deepcopy(report)
+    b = extra["settings"]["B"]["per_task"]
+    b["accuracy"]["FC-LOpt"] = [[0.0] * len(t) for t in b["accuracy"]["L3RS"]]  # far behind: L3RS is above it
+    extra["optimizers"].append({"name": "FC-LOpt"})
+    del extra["settings"]["A"]
+    merged = targets.merge([report, extra])
+    assert merged["settings"]["A"] is report["settings"]["A"] and merged["settings"]["B"] is extra["settings"]["B"]
+    rows = _by_target(targets.check(merged))
+    assert rows["B: above FC-LOpt at every K"]["status"] == "met"
+    assert rows["D: above FC-LOpt at every K"]["status"] == "not measured"
+    k10 = "A: K=10 ≥ best Adam + 10 points"
+    assert rows[k10] == _by_target(targets.check(report))[k10]
+    other = copy.deepcopy(report)
+    other["meta"]["tasks_per_setting"] = 32
+    with pytest.raises(ValueError, match="meta.tasks_per_setting"):
+        targets.merge([report, other])
+
+
+def test_the_per_task_reference_counts_adams_second_best_variant(targets, report):
+    """The reference row is Adam's runner-up (by mean, per K) against best Adam, task by task, and not a target."""
+    rows = _by_target(targets.check(report))
+    ref = rows["B: (reference) the second-best Adam variant, tasks below best Adam − 2"]
+    assert ref["status"] == "reference"
+    b = report["settings"]["B"]
+    adam = {n: np.asarray(a) * 100 for n, a in b["per_task"]["accuracy"].items() if n.startswith("Adam")}
+    best = np.asarray(b["per_task"]["best Adam"]["accuracy"]) * 100
+    for j, k in enumerate(b["k_grid"]):
+        means = sorted(adam, key=lambda n: -adam[n][:, j].mean())
+        assert np.array_equal(adam[means[0]][:, j], best[:, j])  # the report's best Adam is the top mean
+        below = int((adam[means[1]][:, j] < best[:, j] - 2).sum())
+        assert f"K={k}: {below}/{len(best)} " in ref["value"]
+    n_targets = sum(r["status"] != "reference" for r in rows.values())
+    assert n_targets == len(rows) - 4  # one reference row per setting B-E, not counted as a target
+    assert f"of {n_targets} met." in targets.markdown(list(rows.values()), report, "L3RS")
