@@ -338,7 +338,7 @@ def test_shards_give_the_same_numbers_in_any_process(env, pool_report):
 def test_a_stopped_evaluation_resumes_and_a_new_row_runs_alone(env, pool_report, tmp_path):
     """Every finished task is kept under <out>/tasks, row by row: run again, a lost task and more --tasks run only
     what is missing; another ψ beside the same baselines runs only its own rows; numbers read back are the first run's
-    exactly; a changed config never reuses a stored task."""
+    exactly; a changed config or θ0 never reuses a stored task, a moved θ0 does."""
     import shutil
 
     from l3rs.artifact import save_artifact
@@ -393,6 +393,13 @@ def test_a_stopped_evaluation_resumes_and_a_new_row_runs_alone(env, pool_report,
     assert setting_key(cfg.replace(evaluate={"k_grid": [5, 10, 40]}), specs[0]) != key
     assert setting_key(cfg.replace(task={"batch_size": 16}), specs[0]) != key
     assert setting_key(cfg.replace(evaluate={"seed": 1}), specs[0]) != key
+    # θ0 enters by its bytes, not its path: a copied checkpoint keeps the key, one changed byte does not
+    moved = cfg.replace(model={"checkpoint": str(shutil.copytree(specs[0].checkpoint, tmp_path / "moved-theta0"))})
+    (moved_spec,), _ = ev.plan_settings(moved, ["A"])
+    assert moved_spec.checkpoint != specs[0].checkpoint and setting_key(moved, moved_spec) == key
+    f = sorted((tmp_path / "moved-theta0").iterdir())[-1]
+    f.write_bytes(f.read_bytes() + b"\0")
+    assert setting_key(moved, moved_spec) != key
     assert len({row_key(o) for o in opts}) == len(opts)  # every row computes something else
     # an unreadable or foreign task file is not trusted: that task runs again
     journal = TaskJournal(str(copy), cfg, specs, opts)

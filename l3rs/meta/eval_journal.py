@@ -7,7 +7,8 @@ finished job is written, atomically, to ``<out>/tasks/<setting>/<setting key>/ta
 per optimizer row under the row's own key. ``<setting key>`` hashes what the tasks depend on: the config's [data],
 [model], [task] and [evaluate] sections (without the fields that only say how many tasks run, where and which
 settings: ``evaluate.tasks``, ``evaluate.workers``, ``evaluate.settings``, nor which rows: ``evaluate.adam_lrs``,
-``evaluate.head_only_baselines``) and ``run.seed``, the setting (dataset, θ0's name) and θ0's files; a
+``evaluate.head_only_baselines``) and ``run.seed``, the setting (its name and dataset) and θ0's files (their bytes,
+not their path: a moved run folder keeps its journal); a
 row's key hashes its family and parameters (ψ), not its label. So, with the same ``--out``:
 
 - a crashed or interrupted evaluation, run again, computes only the tasks it has not finished;
@@ -22,7 +23,6 @@ The numbers are stored as JSON floats (Python's ``repr`` round-trips float64 exa
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -74,16 +74,26 @@ def _add_files(uri: str, h: Any) -> None:
             continue
 
 
+def _where(uri: str) -> str:
+    """A checkpoint field as the key sees it: ``"random"`` or empty as they are; any path only as "a checkpoint",
+    because :func:`_add_files` adds its contents."""
+    return uri if uri in ("", "random") else "checkpoint"
+
+
 def setting_key(cfg: Config, setting: SettingSpec) -> str:
     """The hash that names a setting's stored tasks: the config's [data], [model], [task], [evaluate] (minus the fields
     in ``_NOT_IN_KEY``) and ``run.seed``, the setting and θ0's files. Equal keys ⇔ the same tasks, data, model, θ0 and
     K grid."""
     full = cfg.to_dict()
-    conf = {name: full[name] for name in _SECTIONS_IN_KEY}
+    conf = {name: dict(full[name]) for name in _SECTIONS_IN_KEY}
     conf["evaluate"] = {k: v for k, v in full["evaluate"].items() if k not in _NOT_IN_KEY}
     conf["seed"] = full["run"]["seed"]  # with evaluate.seed, the task seeds
+    # θ0 enters by its files' bytes, not where they lie: a run folder moved or copied elsewhere keeps its journal.
+    conf["model"]["checkpoint"] = _where(conf["model"].get("checkpoint", ""))
+    conf["evaluate"]["other_checkpoint"] = _where(conf["evaluate"].get("other_checkpoint", ""))
+    spec = {"name": setting.name, "dataset": setting.dataset, "checkpoint": _where(setting.checkpoint)}
     h = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode())
-    h.update(json.dumps(dataclasses.asdict(setting), sort_keys=True, default=str).encode())
+    h.update(json.dumps(spec, sort_keys=True).encode())
     _add_files(setting.checkpoint, h)
     return h.hexdigest()[:20]
 
