@@ -1,5 +1,6 @@
-"""The L3RS of the paper's §4.1 as written: absolute features, λ unbounded. The package's defaults add issue 11's
-stability options (a bound on λ in Adam-equivalent steps and scale-free features; tested in test_stability.py). Tests
+"""The L3RS of the paper's §4.1 as written: absolute features, λ unbounded. The package's default adds issue 11's
+bound on λ in Adam-equivalent steps (the other stability options, such as scale-free features, are off by default;
+all are tested in test_stability.py). Tests
 that check the paper's formulas, or bit-exact behaviour recorded before those defaults, build their configs here."""
 
 from __future__ import annotations
