@@ -34,3 +34,9 @@ mkdir -p runs/eval32-bd && cp -rn runs/eval32/tasks runs/eval32-bd/
 for opt in "L3RS (glyphs-default)" "L3RS (glyphs-default-seed1)" "L3RS (G1-bound10)" "L3RS G2, run 1" "L3RS G2, run 2"; do
   python jobs/generalization/targets.py runs/eval32/report.json runs/eval32-bd/report.json --optimizer "$opt"
 done
+# 5. The default ψ with a tighter bound at use time (λ ≤ 3 Adam-equivalent steps: `l3rs.load(..., options=
+#    {"lambda_max_adam_ratio": 3})`), beside the rest in every setting: only its rows run.
+[[ -e runs/glyphs-default-c3/metadata.json ]] || \
+  python jobs/stability/with_options.py $S/glyphs-default/psi runs/glyphs-default-c3 lambda_max_adam_ratio=3
+"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${PSIS[@]}" \
+  --psi runs/glyphs-default-c3 --out runs/eval32
