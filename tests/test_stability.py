@@ -362,8 +362,10 @@ def test_resuming_a_run_that_predates_the_options_keeps_their_original_values(tm
         saved["optimizer"].pop(key)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     names = [name for name, _, _ in resume_differences(cfg, str(tmp_path))]
-    assert names == ["optimizer.feature_scale", "optimizer.lambda_max_adam_ratio"]
-    with pytest.raises(PreflightError, match="optimizer.feature_scale"):
+    assert names == ["optimizer.lambda_max_adam_ratio"]  # today's default bound; its features are the original ones
+    with pytest.raises(PreflightError, match="optimizer.lambda_max_adam_ratio"):
         check_resume(cfg, str(tmp_path))
-    original = cfg.replace(optimizer={"feature_scale": "absolute", "lambda_max_adam_ratio": "none"})
+    original = cfg.replace(optimizer={"lambda_max_adam_ratio": "none"})
     assert resume_differences(original, str(tmp_path)) == []
+    scale_free = cfg.replace(optimizer={"feature_scale": "log_relative", "lambda_max_adam_ratio": "none"})
+    assert [name for name, _, _ in resume_differences(scale_free, str(tmp_path))] == ["optimizer.feature_scale"]
