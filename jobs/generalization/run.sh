@@ -26,7 +26,7 @@ CFG=jobs/configs/glyphs_default.toml
 #    `--psi $G/earlier/psi-g1 --psi $G/psi-g2-run1 --psi $G/psi-g2-run2` to measure them here too).
 PSIS=(--psi $S/glyphs-default/psi --psi $S/glyphs-default-seed1/psi)
 "$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${PSIS[@]}" --out runs/eval32
-# 3. B and D with the black-box learned optimizers (meta-trained by `l3rs train --config
+# 3. B and D with the black-box learned optimizers -> docs/generalization/bd (meta-trained by `l3rs train --config
 #    jobs/configs/baselines/glyphs_{fc_lopt,velo_ft}.toml "${CK[@]}"`, kept in $G/baselines): only their rows run.
 mkdir -p runs/eval32-bd && cp -rn runs/eval32/tasks runs/eval32-bd/
 "$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${PSIS[@]}" \
