@@ -2,11 +2,11 @@
 # Issue 11's measurement on the embedded glyphs benchmark: 32 tasks per setting on fresh task seeds
 # (evaluate.seed = 7; the demo and the stability ablation used 2024), K up to 5 x K_max = 500, Adam constant and
 # cosine at 5 learning rates (best per K), every setting A-E. Rows: the default L3RS (G1: λ <= 10 Adam-equivalent
-# steps, §4.1's absolute features) from `make demo` and from a second seed, the earlier G1 run, the two G2 runs (the
-# previous default: the same bound with log-relative features), ψ₀; then FC-LOpt and VeLO (ft), meta-trained on
-# glyphs with L3RS's budget, beside them in settings B and D. docs/generalization/ holds what these commands wrote.
+# steps, §4.1's absolute features) from `make demo` and from a second NES seed, and ψ₀; then FC-LOpt and VeLO (ft),
+# meta-trained on glyphs with L3RS's budget, beside them in settings B and D. The earlier G1 run and the two G2 runs
+# (the previous default) come from the earlier measurement (step 2). docs/generalization/ holds what these wrote.
 #
-#   make demo                                  # θ0s and this machine's default ψ -> runs/demo (about 19 min)
+#   make demo                                  # θ0s and this machine's default ψ -> runs/demo (19-26 min)
 #   bash jobs/generalization/run.sh
 #
 # Each evaluation resumes from its journal (<out>/tasks); the B/D one starts from a copy of the first one's, so it
