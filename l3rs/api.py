@@ -49,8 +49,9 @@ def as_config(config: Config | str | os.PathLike | Mapping[str, Any] | None) -> 
 
 
 def pretrain(config: Config | str | os.PathLike | Mapping[str, Any] | None = None, *, progress: bool = True) -> Any:
-    """Pretrains θ0 on the dataset's pretrain classes (``[pretrain]``: steps, batch size, learning rate, seed) and
-    writes it to ``pretrain.output``; the model and dataset are ``[model]`` and ``[data]``.
+    """Pretrains θ0 on the dataset's pretrain classes (``[pretrain]``: steps, batch size, learning rate, seed; with
+    ``num_classes`` > 0 only the first that many) and writes it to ``pretrain.output``; the model and dataset are
+    ``[model]`` and ``[data]``.
 
     Returns:
       :class:`l3rs.meta.pretrain.PretrainResult`: ``variables`` and ``meta`` (test accuracy, classes, timing).
@@ -64,7 +65,8 @@ def pretrain(config: Config | str | os.PathLike | Mapping[str, Any] | None = Non
     check_location(p.output, "pretrain.output")  # writable before the work, not found out after it
     return _pretrain(dataset=cfg.data.spec(), model_name=m.name, steps=p.steps, batch_size=p.batch_size,
                      learning_rate=p.learning_rate, seed=p.seed, data_dir=cfg.data.data_dir or None, output=p.output,
-                     progress=progress, model_options=dict(m.options), module_path=m.module_path)  # fmt: skip
+                     progress=progress, model_options=dict(m.options), module_path=m.module_path,
+                     num_classes=p.num_classes)  # fmt: skip
 
 
 CONNECT_TIMEOUT_S = 5.0  # how long train() waits for a cluster address to answer before giving up

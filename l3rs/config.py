@@ -197,11 +197,19 @@ class PretrainSection:
     learning_rate: float = 1e-3
     seed: int = 0
     output: str = "runs/pretrain-fmnist"
+    # 0: every class of the dataset's pretrain split. N > 0: only its first N (a narrow θ0, whose features fit few
+    # classes: the kind of checkpoint a meta-training mixture can add to teach ψ when not to trust θ0's features).
+    num_classes: int = 0
 
     def validate(self) -> None:
         _positive("pretrain.steps", self.steps)
         _positive("pretrain.batch_size", self.batch_size)
         _positive("pretrain.learning_rate", self.learning_rate)
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ConfigError(
+                "pretrain.num_classes: must be 0 (every pretrain class) or a positive integer, "
+                f"got {self.num_classes!r}."
+            )
         if not self.output:
             raise ConfigError("pretrain.output: a path/URI is required.")
 
@@ -420,6 +428,11 @@ class Config:
         # Cross-field checks that need the dataset's class split.
         spec = self.data.spec()
         self._check_task_classes(spec)
+        if self.pretrain.num_classes > len(spec.pretrain_classes):
+            raise ConfigError(
+                f"pretrain.num_classes: {self.data.dataset}'s pretrain split has {len(spec.pretrain_classes)} classes, "
+                f"fewer than {self.pretrain.num_classes}; use at most that many, or 0 for all of them."
+            )
         if self.evaluate.k_grid[-1] <= self.task.k_max:
             raise ConfigError(
                 f"evaluate.k_grid: must reach beyond task.k_max = {self.task.k_max} (generalisation past the "

@@ -11,7 +11,7 @@ import pytest
 from l3rs.meta.inner import InnerLoop, adam_optimizer_fn
 from l3rs.meta.pretrain import load_variables, pretrain, random_variables
 from l3rs.meta.tasks import TaskDistribution, load_task_pool, sample_task
-from l3rs.models import create
+from l3rs.models import HEAD, create
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,28 @@ def test_fine_tuning_from_theta0_beats_random_init(tmp_path):
         runs = [jax.device_get(loop.run_arrays(np.float32(3e-3), sample_task(s, dist, pool))) for s in range(3)]
         accs[name] = float(np.mean([r["accuracy"] for r in runs]))
     assert accs["theta0"] > accs["random"] + 0.05, accs
+
+
+def test_narrow_theta0_pretrains_on_the_first_classes_of_the_split(tmp_path):
+    out = str(tmp_path / "narrow")
+    result = pretrain(dataset="sklearn_digits", model_name="small_cnn", steps=20, batch_size=32, learning_rate=3e-3,
+                      seed=0, output=out, progress=False, num_classes=2)  # fmt: skip
+    meta = json.load(open(f"{out}/meta.json"))
+    assert meta["pretrain_classes"] == [0, 1] and meta["num_classes"] == 2
+    # The head has one logit per class it was pretrained on.
+    assert result.variables["params"][HEAD]["bias"].shape == (2,)
+    with pytest.raises(ValueError, match="pretrain split has 5 classes"):
+        pretrain(dataset="sklearn_digits", model_name="small_cnn", steps=1, batch_size=8, learning_rate=3e-3, seed=0,
+                 progress=False, num_classes=6)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(-1, "pretrain.num_classes: must be 0"), (2.5, "pretrain.num_classes: expected int"),
+     (True, "pretrain.num_classes: expected int"), (6, "pretrain.num_classes: sklearn_digits's pretrain split has 5")],
+)  # fmt: skip
+def test_pretrain_num_classes_is_validated_by_the_config(value, message):
+    from l3rs.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"data": {"dataset": "sklearn_digits"}, "pretrain": {"num_classes": value}})

@@ -92,9 +92,12 @@ def pretrain(
     progress: bool = True,
     model_options: dict[str, Any] | None = None,
     module_path: str = "",
+    num_classes: int = 0,
 ) -> PretrainResult:
     """Trains ``model_name`` on ``dataset``'s pretrain classes with Adam (cosine decay) and reports the accuracy
     on the test split of those classes. Saves to ``output`` if given.
+
+    ``num_classes`` > 0 keeps only the first ``num_classes`` pretrain classes (in the split's order): a narrow θ0.
 
     ``dataset`` is a preset name or a :class:`l3rs.data.DatasetSpec`; ``model_name`` a preset or an import path
     (with ``model_options`` and ``module_path``, as in :func:`l3rs.models.create`)."""
@@ -103,6 +106,9 @@ def pretrain(
 
     spec = get_spec(dataset)
     classes = np.asarray(spec.pretrain_classes, np.int32)
+    if not 0 <= num_classes <= len(classes):
+        raise ValueError(f"num_classes: {spec.name}'s pretrain split has {len(classes)} classes, got {num_classes}.")
+    classes = classes[:num_classes] if num_classes else classes
     remap = np.full(spec.num_classes, -1, np.int32)
     remap[classes] = np.arange(len(classes), dtype=np.int32)
     train = load(dataset, spec.train_split, data_dir=data_dir, classes=list(classes))
