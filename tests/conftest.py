@@ -7,6 +7,11 @@ Environment (set when this file is imported, before any Ray process starts, inhe
   session (cluster, drivers, ``ray start`` / ``l3rs`` subprocesses, which inherit ``os.environ``) agrees on one
   token, and ``~/.ray/auth_token`` is neither read nor written.
 - ``RAY_ADDRESS`` is removed, so no test joins a cluster it did not start.
+- ``JAX_COMPILATION_CACHE_DIR``: one persistent XLA compilation cache for the session, in a fresh temporary folder
+  removed at exit (unless the variable is already set). Ray workers, evaluation processes and ``l3rs`` subprocesses of
+  different tests compile the same small inner loops; from the second process on they load the program instead of
+  compiling it. Fresh per session, so a run here costs what CI's cold start costs. Compiled programs give the same
+  numbers whether compiled or loaded, so no result depends on the cache.
 
 Fixtures:
 
@@ -32,8 +37,11 @@ fixtures gets the mark automatically.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +53,9 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l3rs-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 LOOPBACK = "127.0.0.1"
 HEAD_CPUS = 2
