@@ -4,7 +4,8 @@
 # cosine at 5 learning rates (best per K), every setting A-E. Rows: the default L3RS (G1: λ <= 10 Adam-equivalent
 # steps, §4.1's absolute features) from `make demo` and from a second NES seed, and ψ₀; then FC-LOpt and VeLO (ft),
 # meta-trained on glyphs with L3RS's budget, beside them in settings B and D. The earlier G1 run and the two G2 runs
-# (the previous default) come from the earlier measurement (step 2). docs/generalization/ holds what these wrote.
+# (the previous default) come from the earlier measurement (step 2). Step 5 measures the θ0-diversity mixture
+# (jobs/configs/glyphs_narrow_mixture.toml) on the same tasks. docs/generalization/ holds what these wrote.
 #
 #   make demo                                  # θ0s and this machine's default ψ -> runs/demo (19-26 min)
 #   bash jobs/generalization/run.sh
@@ -34,4 +35,24 @@ mkdir -p runs/eval32-bd && cp -rn runs/eval32/tasks runs/eval32-bd/
 # 4. The targets of each L3RS row: every setting from the first report, B and D from the second (FC-LOpt, VeLO).
 for opt in "L3RS (glyphs-default)" "L3RS (glyphs-default-seed1)"; do
   python jobs/generalization/targets.py runs/eval32/report.json runs/eval32-bd/report.json --optimizer "$opt"
+done
+# 5. θ0 diversity (docs/generalization/narrow): the glyph mixture of the default θ0 and a narrow one (5 pretrain
+#    classes), meta-trained with NES seeds 0 and 1 and with weights 3:1, measured on the same journal (only their rows
+#    run), then B and D beside FC-LOpt and VeLO (ft).
+NCFG=jobs/configs/glyphs_narrow_mixture.toml
+NCK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs)
+"$L3RS" pretrain --config $NCFG --set pretrain.output=runs/pretrain-glyphs-narrow
+"$L3RS" train --config $NCFG "${NCK[@]}"
+"$L3RS" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-seed1 --set run.seed=1
+W3='task.sources=[{name="glyphs", weight=3.0}, {name="glyphs-narrow", checkpoint="runs/pretrain-glyphs-narrow", weight=1.0}]'
+"$L3RS" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-w3 --set "$W3"
+NPSIS=(--psi $S/glyphs-default/psi --psi $S/glyphs-narrow-mixture/psi --psi $S/glyphs-narrow-mixture-seed1/psi
+       --psi $S/glyphs-narrow-mixture-w3/psi)
+mkdir -p runs/eval32-narrow && cp -rn runs/eval32/tasks runs/eval32-narrow/
+"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${NPSIS[@]}" --out runs/eval32-narrow
+mkdir -p runs/eval32-narrow-bd && cp -rn runs/eval32-bd/tasks runs/eval32-narrow-bd/
+"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${NPSIS[@]}" \
+  --psi $G/baselines/psi-fc-lopt --psi $G/baselines/psi-velo-ft --out runs/eval32-narrow-bd
+for opt in "L3RS (glyphs-narrow-mixture)" "L3RS (glyphs-narrow-mixture-seed1)" "L3RS (glyphs-narrow-mixture-w3)"; do
+  python jobs/generalization/targets.py runs/eval32-narrow/report.json runs/eval32-narrow-bd/report.json --optimizer "$opt"
 done
