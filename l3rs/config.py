@@ -205,11 +205,7 @@ class PretrainSection:
         _positive("pretrain.steps", self.steps)
         _positive("pretrain.batch_size", self.batch_size)
         _positive("pretrain.learning_rate", self.learning_rate)
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ConfigError(
-                "pretrain.num_classes: must be 0 (every pretrain class) or a positive integer, "
-                f"got {self.num_classes!r}."
-            )
+        _zero_or_count("pretrain.num_classes", self.num_classes, "every pretrain class")
         if not self.output:
             raise ConfigError("pretrain.output: a path/URI is required.")
 
@@ -401,8 +397,7 @@ class EvaluateSection:
             raise ConfigError(f"evaluate.k_grid: must be strictly increasing, got {self.k_grid}.")
         if not self.adam_lrs or any(not isinstance(x, int | float) or x <= 0 for x in self.adam_lrs):
             raise ConfigError(f"evaluate.adam_lrs: positive learning rates required, got {self.adam_lrs}.")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"evaluate.workers: 0 (one per core) or a positive count, got {self.workers!r}.")
+        _zero_or_count("evaluate.workers", self.workers, "one per core")
         unknown = sorted(set(self.settings) - set("ABCDE"))
         if unknown or not self.settings:
             raise ConfigError(f"evaluate.settings: choose among A B C D E, got {list(self.settings)}.")
@@ -570,6 +565,12 @@ def _asdict(section: Any) -> dict[str, Any]:
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}: must be a positive number, got {value!r}.")
+
+
+def _zero_or_count(name: str, value: Any, zero_means: str) -> None:
+    """An integer option where 0 has a meaning of its own (``zero_means``) and N > 0 is a count."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name}: must be 0 ({zero_means}) or a positive integer, got {value!r}.")
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
