@@ -16,9 +16,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: all sockets stay bound until every port is picked, so the kernel
+    cannot hand the same port out twice (picked one at a time, two of them did collide)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def run_l3rs(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> str:
@@ -42,7 +50,8 @@ def local_head(cluster_dir: Path, num_cpus: int) -> Iterator[tuple[str, str, dic
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_BIN"] = os.path.join(bin_dir, "ray")
-    ports = {name: free_port() for name in ("port", "dashboard-port", "metrics-port", "client-port")}
+    names = ("port", "dashboard-port", "metrics-port", "client-port")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     args = [str(REPO / "cluster" / "start_local.sh"), "--num-cpus", str(num_cpus)]
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
