@@ -109,3 +109,39 @@ def test_the_per_task_reference_counts_adams_second_best_variant(targets, report
     n_targets = sum(r["status"] != "reference" for r in rows.values())
     assert n_targets == len(rows) - 4  # one reference row per setting B-E, not counted as a target
     assert f"of {n_targets} met." in targets.markdown(list(rows.values()), report, "L3RS")
+
+
+def _only_rows(report, keep, rename=None):
+    """A copy of ``report`` as if its evaluation had run only the rows ``keep`` (renamed by ``rename``)."""
+    rename = rename or {}
+    out = copy.deepcopy(report)
+    for s in out["settings"].values():
+        for field in ("accuracy", "loss"):
+            s["per_task"][field] = {rename.get(n, n): v for n, v in s["per_task"][field].items() if n in keep}
+    kept = [o for o in out["optimizers"] if o["name"] in keep]
+    out["optimizers"] = [{**o, "name": rename.get(o["name"], o["name"])} for o in kept]
+    return out
+
+
+def test_rows_of_a_partial_evaluation_of_the_same_tasks_are_added_and_checked(targets, report):
+    """--rows-from: an evaluation that ran only a new ψ and ψ₀ on the same tasks is read against the first report's
+    full Adam grid, and gives the targets (speedups included) that one evaluation of every row gives; a shared row
+    that differs in one number (another θ0, other tasks) is refused."""
+    base = _only_rows(report, [n for n in report["settings"]["A"]["per_task"]["accuracy"] if n != "L3RS"])
+    partial = _only_rows(report, ["L3RS", "L3RS ψ₀"], rename={"L3RS": "L3RS (new)"})
+    merged = targets.add_rows(base, partial)
+    got = targets.check(merged, "L3RS (new)", psi0="L3RS ψ₀")
+    want = targets.check(report, "L3RS", psi0="L3RS ψ₀")
+    assert [r["value"] for r in got] == [r["value"] for r in want]
+    assert [r["status"] for r in got] == [r["status"] for r in want]
+    assert "L3RS (new)" in [o["name"] for o in merged["optimizers"]] and "L3RS (new)" not in str(base["optimizers"])
+    bad = copy.deepcopy(partial)
+    bad["settings"]["C"]["per_task"]["loss"]["L3RS ψ₀"][3][1] *= 1.0000001
+    with pytest.raises(ValueError, match="setting C: row 'L3RS ψ₀' differs"):
+        targets.add_rows(base, bad)
+    bad = copy.deepcopy(partial)
+    bad["settings"]["B"]["per_task"]["task_seed"][0] += 1
+    with pytest.raises(ValueError, match="setting B: the reports' task seeds differ"):
+        targets.add_rows(base, bad)
+    with pytest.raises(ValueError, match="no row in common"):
+        targets.add_rows(base, _only_rows(report, ["L3RS"]))

@@ -1,13 +1,16 @@
 """Issue 11's targets, checked against an evaluation's ``report.json``: one line per target, with the numbers.
 
-    python jobs/generalization/targets.py REPORT.json [MORE.json ...] [--optimizer L3RS] [--psi0 "L3RS ψ₀"] [--json]
+    python jobs/generalization/targets.py REPORT.json [MORE.json ...] [--rows-from OTHER.json ...] [--optimizer L3RS]
+        [--psi0 "L3RS ψ₀"] [--json]
 
 Reads only the report (its per-task numbers, best-Adam choice per K, speedups, and the meta-training K range). With
 several reports of the same tasks, a setting is read from the last report that has it (:func:`merge`): e.g. all
 settings from one evaluation, B and D from a second that added FC-LOpt and VeLO rows from the same journal. A
 target whose inputs the report lacks (a setting not evaluated, no FC-LOpt row, K = 5 × K_max not on the grid) is
-"not measured", never passed. The exit code is 0 whatever the outcome: this states results, it does not gate (2 for
-reports that cannot be of the same tasks).
+"not measured", never passed. ``--rows-from`` adds the rows of an evaluation that ran only a few rows on the same tasks
+(:func:`add_rows`: e.g. a new ψ with ψ₀ and one Adam learning rate beside it, against the full Adam grid of the first
+report), after checking that the rows both reports ran agree to the last digit. The exit code is 0 whatever the
+outcome: this states results, it does not gate (2 for reports that cannot be of the same tasks).
 
 Targets (issue 11, "Targets"):
 
@@ -22,6 +25,7 @@ Targets (issue 11, "Targets"):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from typing import Any
@@ -186,6 +190,55 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _same_numbers(a: Any, b: Any) -> bool:
+    """Exact equality of two per-task tables as report.json writes them (lists of floats, None for non-finite)."""
+    return json.dumps(a) == json.dumps(b)
+
+
+def add_rows(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the rows of ``other`` that it lacks, setting by setting (the settings both have), and their
+    speedups over ``base``'s best Adam (:func:`l3rs.meta.stats.speedup_table`, as the report computes them).
+
+    ``other`` must be an evaluation of the same tasks: the same K grid, meta-training K range and task seeds per
+    setting, and at least one row in common (ψ₀, an Adam variant) whose per-task accuracies and losses equal
+    ``base``'s exactly. Those rows depend on θ0, the data and the task seeds, so equal numbers show the same tasks
+    from the same θ0 (a re-pretrained θ0 that differs in one bit would not give them). Raises ValueError otherwise.
+    """
+    from l3rs.meta.stats import speedup_table
+
+    for key in ("k_grid", "meta_train_k_range"):
+        if other["meta"].get(key) != base["meta"].get(key):
+            raise ValueError(f"reports differ in meta.{key}: {base['meta'].get(key)} vs {other['meta'].get(key)}")
+    merged = copy.deepcopy(base)
+    optimizers = {o["name"]: o for o in merged["optimizers"]}
+    for name, theirs in other["settings"].items():
+        mine = merged["settings"].get(name)
+        if mine is None:
+            continue
+        if theirs["per_task"]["task_seed"] != mine["per_task"]["task_seed"]:
+            raise ValueError(f"setting {name}: the reports' task seeds differ; they are not of the same tasks")
+        shared = [r for r in theirs["per_task"]["accuracy"] if r in mine["per_task"]["accuracy"]]
+        if not shared:
+            raise ValueError(f"setting {name}: no row in common to show that the tasks and θ0 are the same")
+        for row in shared:
+            for field in ("accuracy", "loss"):
+                if not _same_numbers(theirs["per_task"][field][row], mine["per_task"][field][row]):
+                    raise ValueError(f"setting {name}: row {row!r} differs between the reports ({field}): not the "
+                                     "same tasks, data or θ0")  # fmt: skip
+        new = [r for r in theirs["per_task"]["accuracy"] if r not in shared]
+        ks = [int(k) for k in mine["k_grid"]]
+        best = _best_adam(mine).mean(0) / PT
+        by_setting = merged["speedup"]["by_setting"].setdefault(name, {})
+        for row in new:
+            for field in ("accuracy", "loss"):
+                mine["per_task"][field][row] = theirs["per_task"][field][row]
+            by_setting[row] = speedup_table(ks, best.tolist(), (_acc(mine, row).mean(0) / PT).tolist())
+            spec = next((o for o in other["optimizers"] if o["name"] == row), {"name": row, "kind": "learned"})
+            optimizers.setdefault(row, spec)
+    merged["optimizers"] = list(optimizers.values())
+    return merged
+
+
 def markdown(rows: list[dict[str, Any]], report: dict[str, Any], opt: str) -> str:
     n = report["meta"].get("tasks_per_setting")
     lines = [f"Issue 11's targets for {opt} ({n} tasks per setting, K ∈ {report['meta']['k_grid']}, "
@@ -205,6 +258,8 @@ def markdown(rows: list[dict[str, Any]], report: dict[str, Any], opt: str) -> st
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", nargs="+", help="report.json files of the same tasks (later ones win per setting)")
+    ap.add_argument("--rows-from", action="append", default=[], metavar="REPORT",
+                    help="add the rows of another evaluation of the same tasks (checked: shared rows must be equal)")
     ap.add_argument("--optimizer", default="L3RS")
     ap.add_argument("--psi0", default=None, help='the ψ₀ row (default: "<optimizer> ψ₀", else the first ψ₀ row)')
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -215,6 +270,9 @@ def main(argv: list[str]) -> int:
             reports.append(json.load(f))
     try:
         report = merge(reports)
+        for path in args.rows_from:
+            with open(path) as f:
+                report = add_rows(report, json.load(f))
     except ValueError as e:
         print(f"targets: {e}", file=sys.stderr)
         return 2
