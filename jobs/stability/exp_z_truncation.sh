@@ -6,7 +6,8 @@
 #
 #   G3  λ = exp(z), the paper's literal step size (`optimizer.lambda_skip = false`; the default adds log‖d_adam‖ so
 #       that ψ₀ = Adam(init_lr) exactly)
-#   G4  meta-training tasks cut short of the K the optimizer is told half of the time (`task.truncation_prob = 0.5`)
+#   G4  meta-training tasks cut short of the K the optimizer is told half of the time (`task.truncation_prob = 0.5`),
+#       NES seeds 0 and 1
 #
 #   make demo                                      # θ0s -> runs/demo (or: l3rs pretrain for both configs below)
 #   bash jobs/stability/exp_z_truncation.sh        # ~1 h on 2 cores; each stage resumes
@@ -14,7 +15,7 @@
 # The evaluation runs only the new rows, ψ₀ and one Adam learning rate (3e-2, both schedules): ψ₀ is G4's family's
 # (= G1's), so ψ₀ and the two Adam rows are also in docs/generalization/report.json, and targets.py --rows-from
 # refuses the merge unless they agree there to the last digit (same θ0 bytes, tasks and data). docs/stability.md has
-# the table these commands produced.
+# the table these commands produced; docs/stability_ablation/options32/ holds what they wrote.
 set -euo pipefail
 L3RS=${L3RS:-l3rs}
 PY=${PY:-python}
@@ -26,9 +27,10 @@ GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_ba
       --set "evaluate.adam_lrs=[3e-2]" --set evaluate.seed=7)
 "$L3RS" train --config $CFG "${CK[@]}" --run-name G4-truncation --set task.truncation_prob=0.5
 "$L3RS" train --config $CFG "${CK[@]}" --run-name G3-exp-z --set optimizer.lambda_skip=false
+"$L3RS" train --config $CFG "${CK[@]}" --run-name G4-truncation-seed1 --set task.truncation_prob=0.5 --set run.seed=1
 "$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE \
-  --psi $S/G4-truncation/psi --psi $S/G3-exp-z/psi --out runs/eval32-options
-for opt in "L3RS (G4-truncation)" "L3RS (G3-exp-z)"; do
-  "$PY" jobs/generalization/targets.py $G/report.json --rows-from runs/eval32-options/report.json --optimizer "$opt" \
-    --psi0 "L3RS ψ₀"
+  --psi $S/G4-truncation/psi --psi $S/G3-exp-z/psi --psi $S/G4-truncation-seed1/psi --out runs/eval32-options
+for opt in "L3RS (G4-truncation)" "L3RS (G4-truncation-seed1)" "L3RS (G3-exp-z)"; do
+  "$PY" jobs/generalization/targets.py $G/report.json $G/bd/report.json --rows-from runs/eval32-options/report.json \
+    --optimizer "$opt" --psi0 "L3RS ψ₀"
 done
