@@ -169,16 +169,20 @@ def check(report: dict[str, Any], opt: str = "L3RS", psi0: str | None = None) ->
     return out
 
 
+def _require_same_meta(first: dict[str, Any], other: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of ``keys`` whose ``meta`` value differs between the two reports."""
+    for key in keys:
+        if other["meta"].get(key) != first["meta"].get(key):
+            raise ValueError(f"reports differ in meta.{key}: {first['meta'].get(key)} vs {other['meta'].get(key)}")
+
+
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from several evaluations of the same tasks: the first one's ``meta``; each setting (its rows,
     per-task numbers and speedups) from the last report that has it. Refuses reports whose K grids, task counts or
     meta-training K ranges differ, which cannot be of the same tasks."""
     first = reports[0]
-    same = ("k_grid", "tasks_per_setting", "meta_train_k_range")
     for other in reports[1:]:
-        for key in same:
-            if other["meta"].get(key) != first["meta"].get(key):
-                raise ValueError(f"reports differ in meta.{key}: {first['meta'].get(key)} vs {other['meta'].get(key)}")
+        _require_same_meta(first, other, ("k_grid", "tasks_per_setting", "meta_train_k_range"))
     merged = {**first, "settings": {}, "speedup": {**first["speedup"], "by_setting": {}}}
     optimizers: dict[str, dict[str, Any]] = {}
     for r in reports:
@@ -203,14 +207,15 @@ def add_rows(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     setting, and at least one row in common (ψ₀, an Adam variant) whose per-task accuracies and losses equal
     ``base``'s exactly. Those rows depend on θ0, the data and the task seeds, so equal numbers show the same tasks
     from the same θ0 (a re-pretrained θ0 that differs in one bit would not give them). Raises ValueError otherwise.
+    Only what :func:`check` reads is added (per-task numbers, speedups, the optimizer list): a setting's summary
+    tables (``rows``, ``wins_vs_best_adam``) stay ``base``'s.
     """
     from l3rs.meta.stats import speedup_table
 
-    for key in ("k_grid", "meta_train_k_range"):
-        if other["meta"].get(key) != base["meta"].get(key):
-            raise ValueError(f"reports differ in meta.{key}: {base['meta'].get(key)} vs {other['meta'].get(key)}")
+    _require_same_meta(base, other, ("k_grid", "meta_train_k_range"))  # task counts: the seeds below say more
     merged = copy.deepcopy(base)
     optimizers = {o["name"]: o for o in merged["optimizers"]}
+    their_specs = {o["name"]: o for o in other["optimizers"]}
     for name, theirs in other["settings"].items():
         mine = merged["settings"].get(name)
         if mine is None:
@@ -233,8 +238,7 @@ def add_rows(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
             for field in ("accuracy", "loss"):
                 mine["per_task"][field][row] = theirs["per_task"][field][row]
             by_setting[row] = speedup_table(ks, best.tolist(), (_acc(mine, row).mean(0) / PT).tolist())
-            spec = next((o for o in other["optimizers"] if o["name"] == row), {"name": row, "kind": "learned"})
-            optimizers.setdefault(row, spec)
+            optimizers.setdefault(row, their_specs[row])
     merged["optimizers"] = list(optimizers.values())
     return merged
 
