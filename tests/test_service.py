@@ -164,9 +164,9 @@ def test_node_added_mid_run_grows_the_pool_and_gives_identical_psi(cluster, refe
 
     def run_after_join(units, method="run"):
         # Generations here last well under a second, less than a new worker needs to start (import JAX, load data):
-        # once the node has joined, let the pool finish starting its third worker before the next generation.
-        if joined.is_set():
-            run.pool.warm_up(3, timeout_s=120)
+        # let the pool finish starting the workers there is room for before each generation, 2 before the node joins
+        # and 3 after (without the first wait, generation 1 could finish on one worker while the second still starts).
+        run.pool.warm_up(3 if joined.is_set() else 2, timeout_s=120)
         return pool_run(units, method)
 
     run.pool.run = run_after_join
