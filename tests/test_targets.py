@@ -145,3 +145,26 @@ def test_rows_of_a_partial_evaluation_of_the_same_tasks_are_added_and_checked(ta
         targets.add_rows(base, bad)
     with pytest.raises(ValueError, match="no row in common"):
         targets.add_rows(base, _only_rows(report, ["L3RS"]))
+
+
+def test_the_command_line_states_bad_input_in_one_line_with_exit_code_2(targets, tmp_path, capsys):
+    """main(): a missing file, a file that is not JSON or not a report, and an optimizer row the reports lack each
+    give one line on stderr that names the problem, and exit code 2; a good report prints its table and exits 0."""
+    demo = str(REPO / "docs" / "demo" / "report.json")
+    (tmp_path / "notjson.json").write_text("{oops")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    cases = {
+        str(tmp_path / "missing.json"): "missing.json: cannot read it",
+        str(tmp_path / "notjson.json"): "notjson.json: not JSON",
+        str(tmp_path / "other.json"): "other.json: not an evaluation's report.json",
+    }
+    for path, message in cases.items():
+        assert targets.main([path]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert targets.main([demo, "--rows-from", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: cannot read it" in capsys.readouterr().err
+    assert targets.main([demo, "--optimizer", "L3RS (nope)"]) == 2
+    assert "--optimizer: no row named 'L3RS (nope)'" in capsys.readouterr().err
+    assert targets.main([demo]) == 0
+    assert "| A: mean above best Adam at every K ≤ K_max |" in capsys.readouterr().out

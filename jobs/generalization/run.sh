@@ -13,7 +13,7 @@
 # Each evaluation resumes from its journal (<out>/tasks); the B/D one starts from a copy of the first one's, so it
 # runs only the black-box rows.
 set -euo pipefail
-L3RS=${L3RS:-l3rs}
+read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
 S=runs/demo
 G=docs/generalization
 CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
@@ -21,16 +21,16 @@ GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_ba
       --set "evaluate.adam_lrs=[3e-2, 1e-2, 3e-3, 1e-3, 3e-4]" --set evaluate.seed=7)
 CFG=jobs/configs/glyphs_default.toml
 # 1. A second run of the default with another NES seed (7 min on 2 cores).
-"$L3RS" train --config $CFG "${CK[@]}" --run-name glyphs-default-seed1 --set run.seed=1
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name glyphs-default-seed1 --set run.seed=1
 # 2. Both default ψs against Adam, A-E: 32 x 5 tasks (about 1 h on 2 cores). The earlier G1 run and the two G2 runs
 #    were measured on the same tasks by the previous measurement (docs/generalization/earlier; add
 #    `--psi $G/earlier/psi-g1 --psi $G/psi-g2-run1 --psi $G/psi-g2-run2` to measure them here too).
 PSIS=(--psi $S/glyphs-default/psi --psi $S/glyphs-default-seed1/psi)
-"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${PSIS[@]}" --out runs/eval32
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${PSIS[@]}" --out runs/eval32
 # 3. B and D with the black-box learned optimizers -> docs/generalization/bd (meta-trained by `l3rs train --config
 #    jobs/configs/baselines/glyphs_{fc_lopt,velo_ft}.toml "${CK[@]}"`, kept in $G/baselines): only their rows run.
 mkdir -p runs/eval32-bd && cp -rn runs/eval32/tasks runs/eval32-bd/
-"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${PSIS[@]}" \
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${PSIS[@]}" \
   --psi $G/baselines/psi-fc-lopt --psi $G/baselines/psi-velo-ft --out runs/eval32-bd
 # 4. The targets of each L3RS row: every setting from the first report, B and D from the second (FC-LOpt, VeLO).
 for opt in "L3RS (glyphs-default)" "L3RS (glyphs-default-seed1)"; do
@@ -41,17 +41,17 @@ done
 #    run), then B and D beside FC-LOpt and VeLO (ft).
 NCFG=jobs/configs/glyphs_narrow_mixture.toml
 NCK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs)
-"$L3RS" pretrain --config $NCFG --set pretrain.output=runs/pretrain-glyphs-narrow
-"$L3RS" train --config $NCFG "${NCK[@]}"
-"$L3RS" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-seed1 --set run.seed=1
+"${L3RS[@]}" pretrain --config $NCFG --set pretrain.output=runs/pretrain-glyphs-narrow
+"${L3RS[@]}" train --config $NCFG "${NCK[@]}"
+"${L3RS[@]}" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-seed1 --set run.seed=1
 W3='task.sources=[{name="glyphs", weight=3.0}, {name="glyphs-narrow", checkpoint="runs/pretrain-glyphs-narrow", weight=1.0}]'
-"$L3RS" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-w3 --set "$W3"
+"${L3RS[@]}" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-w3 --set "$W3"
 NPSIS=(--psi $S/glyphs-default/psi --psi $S/glyphs-narrow-mixture/psi --psi $S/glyphs-narrow-mixture-seed1/psi
        --psi $S/glyphs-narrow-mixture-w3/psi)
 mkdir -p runs/eval32-narrow && cp -rn runs/eval32/tasks runs/eval32-narrow/
-"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${NPSIS[@]}" --out runs/eval32-narrow
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${NPSIS[@]}" --out runs/eval32-narrow
 mkdir -p runs/eval32-narrow-bd && cp -rn runs/eval32-bd/tasks runs/eval32-narrow-bd/
-"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${NPSIS[@]}" \
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${NPSIS[@]}" \
   --psi $G/baselines/psi-fc-lopt --psi $G/baselines/psi-velo-ft --out runs/eval32-narrow-bd
 for opt in "L3RS (glyphs-narrow-mixture)" "L3RS (glyphs-narrow-mixture-seed1)" "L3RS (glyphs-narrow-mixture-w3)"; do
   python jobs/generalization/targets.py runs/eval32-narrow/report.json runs/eval32-narrow-bd/report.json --optimizer "$opt"

@@ -259,24 +259,42 @@ def markdown(rows: list[dict[str, Any]], report: dict[str, Any], opt: str) -> st
     return "\n".join(lines)
 
 
+def _load(path: str) -> dict[str, Any]:
+    """A report.json, or a ValueError that names the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno}); give an evaluation's report.json") from e
+    if not isinstance(report, dict) or not {"meta", "optimizers", "settings"} <= report.keys():
+        raise ValueError(f"{path}: not an evaluation's report.json (needs meta, optimizers and settings)")
+    return report
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", nargs="+", help="report.json files of the same tasks (later ones win per setting)")
-    ap.add_argument("--rows-from", action="append", default=[], metavar="REPORT",
-                    help="add the rows of another evaluation of the same tasks (checked: shared rows must be equal)")
+    ap.add_argument(
+        "--rows-from",
+        action="append",
+        default=[],
+        metavar="REPORT",
+        help="add the rows of another evaluation of the same tasks (checked: shared rows must be equal)",
+    )
     ap.add_argument("--optimizer", default="L3RS")
     ap.add_argument("--psi0", default=None, help='the ψ₀ row (default: "<optimizer> ψ₀", else the first ψ₀ row)')
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
-    reports = []
-    for path in args.report:
-        with open(path) as f:
-            reports.append(json.load(f))
     try:
-        report = merge(reports)
+        report = merge([_load(p) for p in args.report])
         for path in args.rows_from:
-            with open(path) as f:
-                report = add_rows(report, json.load(f))
+            report = add_rows(report, _load(path))
+        names = [o["name"] for o in report["optimizers"]]
+        for flag, name in (("--optimizer", args.optimizer), ("--psi0", args.psi0)):
+            if name is not None and name not in names:
+                raise ValueError(f"{flag}: no row named {name!r}; the reports have {', '.join(map(repr, names))}")
     except ValueError as e:
         print(f"targets: {e}", file=sys.stderr)
         return 2

@@ -9,13 +9,13 @@
 # Each run resumes if stopped.
 set -euo pipefail
 STORAGE=${1:-runs/stability}
-L3RS=${L3RS:-l3rs}
-PY=${PY:-python}
+read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
+read -ra PY <<< "${PY:-python}"
 CFG=jobs/configs/glyphs_default.toml
 run() {
   local name=$1; shift
   echo "=== $name: $*"
-  "$L3RS" train --config "$CFG" --set run.storage="$STORAGE" --set nes.generations=100 --run-name "$name" "$@"
+  "${L3RS[@]}" train --config "$CFG" --set run.storage="$STORAGE" --set nes.generations=100 --run-name "$name" "$@"
 }
 ORIGINAL=(--set optimizer.feature_scale=absolute)                     # the first release's features (§4.1 as written)
 run G0-absolute "${ORIGINAL[@]}" --set optimizer.lambda_max_adam_ratio=none   # ... and no bound on λ
@@ -32,7 +32,7 @@ if [[ " $* " == *" --with-g2 "* ]]; then
   G2_PSI=$STORAGE/G2-log-relative/psi
 fi
 # G2 used with its absolute-time features capped at the longest meta-training horizon (a use-time option).
-[[ -e "$STORAGE/G2-cap100/metadata.json" ]] || "$PY" jobs/stability/with_options.py "$G2_PSI" "$STORAGE/G2-cap100" \
+[[ -e "$STORAGE/G2-cap100/metadata.json" ]] || "${PY[@]}" jobs/stability/with_options.py "$G2_PSI" "$STORAGE/G2-cap100" \
   absolute_time_k_max=100
 # Not run (time): the paper's literal λ = exp(z) on top of G1:
 # run G3-exp-z --set optimizer.lambda_max_adam_ratio=10 --set optimizer.feature_scale=absolute \
@@ -42,7 +42,7 @@ fi
 # 2024, the default), K up to 5 × K_max = 500, Adam constant and cosine at 5 LRs. The defaults were set before this
 # evaluation ran (on the diagnosis in docs/stability.md). Sized to this 2-core machine: the issue's 32 tasks per
 # cell and settings C-E at K = 500 are `--set evaluate.tasks=32 --settings ABCDE` (about 4x the CPU time).
-"$L3RS" evaluate --config "$CFG" --set run.storage="$STORAGE" --settings AB --tasks 16 \
+"${L3RS[@]}" evaluate --config "$CFG" --set run.storage="$STORAGE" --settings AB --tasks 16 \
   --set "evaluate.k_grid=[10, 25, 100, 500]" --set evaluate.head_only_baselines=false \
   --set "evaluate.adam_lrs=[3e-2, 1e-2, 3e-3, 1e-3, 3e-4]" \
   --psi "$G2_PSI" --psi "$STORAGE/G2-cap100" --psi "$STORAGE/G0-absolute/psi" \

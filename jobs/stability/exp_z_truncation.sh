@@ -17,20 +17,20 @@
 # refuses the merge unless they agree there to the last digit (same θ0 bytes, tasks and data). docs/stability.md has
 # the table these commands produced; docs/stability_ablation/options32/ holds what they wrote.
 set -euo pipefail
-L3RS=${L3RS:-l3rs}
-PY=${PY:-python}
+read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
+read -ra PY <<< "${PY:-python}"
 S=${S:-runs/demo}
 G=docs/generalization
 CFG=jobs/configs/glyphs_default.toml
 CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
 GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false
       --set "evaluate.adam_lrs=[3e-2]" --set evaluate.seed=7)
-"$L3RS" train --config $CFG "${CK[@]}" --run-name G4-truncation --set task.truncation_prob=0.5
-"$L3RS" train --config $CFG "${CK[@]}" --run-name G3-exp-z --set optimizer.lambda_skip=false
-"$L3RS" train --config $CFG "${CK[@]}" --run-name G4-truncation-seed1 --set task.truncation_prob=0.5 --set run.seed=1
-"$L3RS" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE \
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G4-truncation --set task.truncation_prob=0.5
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G3-exp-z --set optimizer.lambda_skip=false
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G4-truncation-seed1 --set task.truncation_prob=0.5 --set run.seed=1
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE \
   --psi $S/G4-truncation/psi --psi $S/G3-exp-z/psi --psi $S/G4-truncation-seed1/psi --out runs/eval32-options
 for opt in "L3RS (G4-truncation)" "L3RS (G4-truncation-seed1)" "L3RS (G3-exp-z)"; do
-  "$PY" jobs/generalization/targets.py $G/report.json $G/bd/report.json --rows-from runs/eval32-options/report.json \
+  "${PY[@]}" jobs/generalization/targets.py $G/report.json $G/bd/report.json --rows-from runs/eval32-options/report.json \
     --optimizer "$opt" --psi0 "L3RS ψ₀"
 done
