@@ -130,6 +130,30 @@ def test_undisturbed_run_writes_history_plots_checkpoints_and_artifact(reference
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(psi))
 
 
+def test_psi_at_an_earlier_generation_is_read_from_the_runs_checkpoints(reference, tmp_path):
+    """jobs/budget/psi_at_generation.py: the newest checkpoint gives the run's own artifact bit for bit; an earlier
+    one gives that generation's NES mean, labelled with it, and a folder that holds an artifact is refused."""
+    import importlib.util
+
+    from l3rs.artifact import verify_artifact
+
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "budget", "psi_at_generation.py")
+    spec = importlib.util.spec_from_file_location("psi_at_generation", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    ckpts = os.path.join(reference.run_dir, "checkpoints")
+    newest, earlier = (os.path.join(ckpts, f"gen_{g:06d}.ckpt") for g in (GENERATIONS, GENERATIONS - 1))
+    same = job.psi_at_generation(newest, reference.psi_uri, str(tmp_path / "same"))
+    assert same["sha256"] == reference.psi_sha256 and same["generations"] == GENERATIONS
+    meta = job.psi_at_generation(earlier, reference.psi_uri, str(tmp_path / "earlier"))
+    assert verify_artifact(str(tmp_path / "earlier"))["sha256"] == meta["sha256"] != reference.psi_sha256
+    assert meta["generations"] == GENERATIONS - 1 and meta["label"] == f"L3RS (reference @ {GENERATIONS - 1})"
+    assert meta["fitness_mean"] == history(reference)[GENERATIONS - 2]["fitness_mean"]
+    assert meta["derived_from"]["checkpoint"] == os.path.join("checkpoints", f"gen_{GENERATIONS - 1:06d}.ckpt")
+    with pytest.raises(ValueError, match="an artifact is already there"):
+        job.psi_at_generation(earlier, reference.psi_uri, str(tmp_path / "same"))
+
+
 def test_worker_killed_mid_generation_gives_identical_psi(cluster, reference, tmp_path):
     run = Background(Driver(tiny_config(tmp_path, "killed"), progress=False))
     stats = run.wait_for(
