@@ -55,8 +55,11 @@ def psi_at_generation(ckpt: str, src: str, dst: str) -> dict:
         accuracy_mean=last[0].get("accuracy_mean"),
         label=f"{config.label} ({run} @ {generation})",
         # named relative to the run (l3rs.names), never by this machine's absolute paths
-        derived_from={"artifact": display_uri(src, root=run_dir), "sha256": meta["sha256"],
-                      "checkpoint": display_uri(ckpt, root=run_dir)},  # fmt: skip
+        derived_from={
+            "artifact": display_uri(src, root=run_dir),
+            "sha256": meta["sha256"],
+            "checkpoint": display_uri(ckpt, root=run_dir),
+        },
     )
     psi = vector_to_meta(np.asarray(state.mean, np.float32), template)
     return save_artifact(dst, psi, config, extra)
