@@ -5,8 +5,9 @@ gives ψ at several budgets along one trajectory (``l3rs evaluate --psi`` then c
     python jobs/budget/psi_at_generation.py RUN_DIR/checkpoints/gen_000200.ckpt RUN_DIR/psi DST
 
 A run keeps only its newest checkpoints (``l3rs.checkpoint.save_checkpoint``'s ``keep_last``): copy the ones you want
-aside while it runs. The checkpoint must belong to the artifact's run (same ψ size and run name); DST must not hold
-an artifact already.
+aside while it runs. Checked: the checkpoint holds a ψ of the artifact's size, at or before the artifact's generation;
+DST must not hold an artifact already. That the two are of the same run is not checked (a checkpoint stores no run
+name): the new artifact's ``derived_from`` records both, named relative to the checkpoint's run folder.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _COMPUTED = ("format", "optimizer", "layer_paths", "psi_size", "sha256", "create
 
 
 def psi_at_generation(ckpt: str, src: str, dst: str) -> dict:
-    """Writes DST and returns its metadata; ValueError (naming the input) for a checkpoint of another run."""
+    """Writes DST and returns its metadata; ValueError naming the input for an unreadable checkpoint, one of another
+    ψ size or past the artifact's generation, or a DST that holds an artifact."""
     if storage.exists(storage.join(dst, "metadata.json")):
         raise ValueError(f"{dst}: an artifact is already there; choose another folder.")
     try:
@@ -46,7 +48,8 @@ def psi_at_generation(ckpt: str, src: str, dst: str) -> dict:
     if generation > int(meta.get("generations", generation)):
         raise ValueError(f"{ckpt}: generation {generation} is past the artifact's {meta.get('generations')}")
     run = meta.get("run_name", "run")
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))  # <run>/checkpoints/gen_*.ckpt
+    # <run>/checkpoints/gen_*.ckpt, local or a bucket URI
+    run_dir = ckpt.rsplit("/", 2)[0] if "://" in ckpt else os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     last = [h for h in history if h["generation"] < generation][-1:] or [{}]
     extra = {k: v for k, v in meta.items() if k not in _COMPUTED}
     extra.update(
