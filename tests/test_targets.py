@@ -209,3 +209,15 @@ def test_the_table_script_reproduces_the_published_tables(folder, rows, met):
     assert got[n:] == want
     if folder == "budget":
         assert published[n:] == want
+
+
+def test_a_row_run_in_some_settings_only_is_not_measured_elsewhere(targets):
+    """FC-LOpt ran only in B and D (docs/generalization/bd): its A, C and E targets are "not measured", never a crash
+    or a pass, and its B and D targets are checked."""
+    gen = REPO / "docs" / "generalization"
+    report = targets.merge([targets._load(str(gen / "report.json")), targets._load(str(gen / "bd" / "report.json"))])
+    rows = _by_target(targets.check(report, "FC-LOpt"))
+    for name in "ACE":
+        assert rows[f"{name}: every target"]["status"] == "not measured"
+        assert f"no FC-LOpt row in setting {name}" in rows[f"{name}: every target"]["value"]
+    assert rows["B: no non-finite loss"]["status"] == "met" and rows["D: no non-finite loss"]["status"] == "met"

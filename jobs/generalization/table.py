@@ -35,6 +35,13 @@ def _cells(setting: dict[str, Any], name: str) -> tuple[np.ndarray, np.ndarray, 
     return acc.mean(0), se, below, int((~np.isfinite(loss)).sum())
 
 
+def _means(mean: np.ndarray, se: np.ndarray, top: np.ndarray) -> str:
+    """One row's "mean ± SE" cells, bold where the mean is the column's best."""
+    return " | ".join(
+        f"**{m:.1f}** ± {e:.1f}" if m == t else f"{m:.1f} ± {e:.1f}" for m, e, t in zip(mean, se, top, strict=True)
+    )
+
+
 def table(report: dict[str, Any], rows: list[tuple[str, str]], psi0: str) -> str:
     """The markdown table of ``rows`` ((row name, label) pairs) plus ψ₀ and best Adam, every setting of ``report``."""
     some = next(iter(report["settings"].values()))
@@ -45,28 +52,22 @@ def table(report: dict[str, Any], rows: list[tuple[str, str]], psi0: str) -> str
         + " | tasks below best Adam − 2 (all K) | non-finite runs |"
     )
     out = [head, "|" + "---|" * (len(ks) + 4)]
+    counts = {}
     for code, setting in report["settings"].items():
-        shown = [*rows, (psi0, "ψ₀")]
+        shown = [(name, label) for name, label in [*rows, (psi0, "ψ₀")] if targets._acc(setting, name) is not None]
         stats = [_cells(setting, name) for name, _ in shown]
         best = targets._best_adam(setting)
-        n = best.shape[0]
+        counts[code] = n = best.shape[0]
         best_se = best.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(ks))
-        all_means = np.stack([s[0] for s in stats] + [best.mean(0)])
-        top = all_means.max(0)
+        top = np.stack([s[0] for s in stats] + [best.mean(0)]).max(0)
         for i, ((_, label), (mean, se, below, bad)) in enumerate(zip(shown, stats, strict=True)):
-            vals = [
-                f"**{m:.1f}** ± {e:.1f}" if m == t else f"{m:.1f} ± {e:.1f}"
-                for m, e, t in zip(mean, se, top, strict=True)
-            ]
-            out.append(f"| {code if i == 0 else ''} | {label} | " + " | ".join(vals) + f" | {below} | {bad} |")
-        vals = [
-            f"**{m:.1f}** ± {e:.1f}" if m == t else f"{m:.1f} ± {e:.1f}"
-            for m, e, t in zip(best.mean(0), best_se, top, strict=True)
-        ]
-        out.append("|  | best Adam | " + " | ".join(vals) + " |  |  |")
+            out.append(f"| {code if i == 0 else ''} | {label} | {_means(mean, se, top)} | {below} | {bad} |")
+        out.append(f"| {'' if shown else code} | best Adam | {_means(best.mean(0), best_se, top)} |  |  |")
+    same = len(set(counts.values())) == 1
+    tasks = f"{counts[code]} tasks per setting" if same else ", ".join(f"{c}: {k} tasks" for c, k in counts.items())
     out += [
         "",
-        f"{n} tasks per setting. Issue 11's targets met (`targets.py`):",
+        f"{tasks}. Issue 11's targets met (`targets.py`):",
         "",
         "| ψ | met | of |",
         "|---|---|---|",

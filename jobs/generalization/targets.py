@@ -81,6 +81,8 @@ def check(report: dict[str, Any], opt: str = "L3RS", psi0: str | None = None) ->
     a = settings.get("A")
     if a is None:
         out.append(_row("A: every target", None, "setting A not evaluated"))
+    elif _acc(a, opt) is None:
+        out.append(_row("A: every target", None, f"no {opt} row in setting A"))
     else:
         ks = [int(k) for k in a["k_grid"]]
         mine, best = _acc(a, opt), _best_adam(a)
@@ -125,6 +127,9 @@ def check(report: dict[str, Any], opt: str = "L3RS", psi0: str | None = None) ->
         s = settings.get(name)
         if s is None:
             out.append(_row(f"{name}: every target", None, "not evaluated"))
+            continue
+        if _acc(s, opt) is None:
+            out.append(_row(f"{name}: every target", None, f"no {opt} row in setting {name}"))
             continue
         ks = [int(k) for k in s["k_grid"]]
         mine, best, loss = _acc(s, opt), _best_adam(s), _loss(s, opt)
