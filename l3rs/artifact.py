@@ -35,6 +35,7 @@ __all__ = [
     "ArtifactExistsError",
     "copy_artifact",
     "save_artifact",
+    "COMPUTED_FIELDS",
     "load_psi",
     "load",
     "verify_artifact",
@@ -44,6 +45,8 @@ FORMAT = "l3rs-psi/1"
 PSI_FILE = "psi.msgpack"
 META_FILE = "metadata.json"
 ARTIFACT_FILES = (PSI_FILE, META_FILE)  # everything an artifact folder holds
+# The metadata fields save_artifact computes itself; a derived artifact passes the others through as ``meta``.
+COMPUTED_FIELDS = ("format", "optimizer", "layer_paths", "psi_size", "sha256", "created", "versions")
 
 
 class ArtifactExistsError(FileExistsError):

@@ -198,9 +198,8 @@ def test_the_table_script_reproduces_the_published_tables(folder, rows, met):
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     gen, here = REPO / "docs" / "generalization", REPO / "docs" / folder
-    load = table.targets._load
-    report = table.targets.merge([load(str(gen / "report.json")), load(str(gen / "bd" / "report.json"))])
-    report = table.targets.add_rows(report, load(str(here / "report.json")))
+    report = table.targets.read_reports([str(gen / "report.json"), str(gen / "bd" / "report.json")],
+                                        [str(here / "report.json")])  # fmt: skip
     got = [line for line in table.table(report, rows, "L3RS ψ₀").splitlines() if line.startswith("| ")]
     published = [line for line in (here / "README.md").read_text().splitlines() if line.startswith("| ")]
     n = 1 + 5 * (len(rows) + 2)  # the header, then per setting the rows, ψ₀ and best Adam
@@ -209,6 +208,8 @@ def test_the_table_script_reproduces_the_published_tables(folder, rows, met):
     assert got[n:] == want
     if folder == "budget":
         assert published[n:] == want
+    assert table.main([str(gen / "report.json"), "--row", "L3RS (nope)"]) == 2  # one line, named flag: as targets.py
+    assert table.main([str(gen / "report.json"), "--row", rows[0][0], "--psi0", "nope"]) == 2
 
 
 def test_a_row_run_in_some_settings_only_is_not_measured_elsewhere(targets):

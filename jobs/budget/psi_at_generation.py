@@ -19,15 +19,13 @@ import sys
 import numpy as np
 
 from l3rs import storage
-from l3rs.artifact import load_psi, save_artifact
+from l3rs.artifact import COMPUTED_FIELDS, load_psi, save_artifact
 from l3rs.checkpoint import CorruptCheckpointError, load_checkpoint
 from l3rs.meta import nes
 from l3rs.names import display_uri
 from l3rs.optim import meta_to_vector, vector_to_meta
 
 USAGE = "python jobs/budget/psi_at_generation.py RUN_DIR/checkpoints/gen_000200.ckpt RUN_DIR/psi DST"
-# Fields save_artifact computes afresh.
-_COMPUTED = ("format", "optimizer", "layer_paths", "psi_size", "sha256", "created", "versions")
 
 
 def psi_at_generation(ckpt: str, src: str, dst: str) -> dict:
@@ -51,7 +49,7 @@ def psi_at_generation(ckpt: str, src: str, dst: str) -> dict:
     # <run>/checkpoints/gen_*.ckpt, local or a bucket URI
     run_dir = ckpt.rsplit("/", 2)[0] if "://" in ckpt else os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     last = [h for h in history if h["generation"] < generation][-1:] or [{}]
-    extra = {k: v for k, v in meta.items() if k not in _COMPUTED}
+    extra = {k: v for k, v in meta.items() if k not in COMPUTED_FIELDS}
     extra.update(
         generations=generation,
         fitness_mean=last[0].get("fitness_mean"),

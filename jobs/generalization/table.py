@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from l3rs.meta.stats import standard_error
+
 _spec = importlib.util.spec_from_file_location("targets", Path(__file__).with_name("targets.py"))
 targets = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(targets)
@@ -29,10 +31,8 @@ def _cells(setting: dict[str, Any], name: str) -> tuple[np.ndarray, np.ndarray, 
     """(means [K], standard errors [K], cells below best Adam − 2, non-finite runs) of one row in one setting."""
     acc = targets._acc(setting, name)
     loss = targets._loss(setting, name)
-    n = acc.shape[0]
-    se = acc.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(acc.shape[1])
     below = int((acc < targets._best_adam(setting) - 2.0).sum())
-    return acc.mean(0), se, below, int((~np.isfinite(loss)).sum())
+    return acc.mean(0), standard_error(acc), below, int((~np.isfinite(loss)).sum())
 
 
 def _means(mean: np.ndarray, se: np.ndarray, top: np.ndarray) -> str:
@@ -57,12 +57,11 @@ def table(report: dict[str, Any], rows: list[tuple[str, str]], psi0: str) -> str
         shown = [(name, label) for name, label in [*rows, (psi0, "ψ₀")] if targets._acc(setting, name) is not None]
         stats = [_cells(setting, name) for name, _ in shown]
         best = targets._best_adam(setting)
-        counts[code] = n = best.shape[0]
-        best_se = best.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(ks))
+        counts[code] = best.shape[0]
         top = np.stack([s[0] for s in stats] + [best.mean(0)]).max(0)
         for i, ((_, label), (mean, se, below, bad)) in enumerate(zip(shown, stats, strict=True)):
             out.append(f"| {code if i == 0 else ''} | {label} | {_means(mean, se, top)} | {below} | {bad} |")
-        out.append(f"| {'' if shown else code} | best Adam | {_means(best.mean(0), best_se, top)} |  |  |")
+        out.append(f"| {'' if shown else code} | best Adam | {_means(best.mean(0), standard_error(best), top)} |  |  |")
     same = len(set(counts.values())) == 1
     tasks = f"{counts[code]} tasks per setting" if same else ", ".join(f"{c}: {k} tasks" for c, k in counts.items())
     out += [
@@ -87,13 +86,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     rows = [tuple(r.split("=", 1)) if "=" in r else (r, r) for r in args.row]
     try:
-        report = targets.merge([targets._load(p) for p in args.report])
-        for path in args.rows_from:
-            report = targets.add_rows(report, targets._load(path))
-        names = [o["name"] for o in report["optimizers"]]
-        for name in [n for n, _ in rows] + [args.psi0]:
-            if name not in names:
-                raise ValueError(f"--row: no row named {name!r}; the reports have {', '.join(map(repr, names))}")
+        report = targets.read_reports(args.report, args.rows_from)
+        targets.require_rows(report, [("--row", name) for name, _ in rows] + [("--psi0", args.psi0)])
     except ValueError as e:
         print(f"table: {e}", file=sys.stderr)
         return 2

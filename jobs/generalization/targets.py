@@ -278,6 +278,23 @@ def _load(path: str) -> dict[str, Any]:
     return report
 
 
+def read_reports(paths: list[str], rows_from: list[str] = ()) -> dict[str, Any]:
+    """The reports at ``paths`` merged (:func:`merge`), then the rows of each of ``rows_from`` added
+    (:func:`add_rows`); ValueError naming the file or the mismatch."""
+    report = merge([_load(p) for p in paths])
+    for path in rows_from:
+        report = add_rows(report, _load(path))
+    return report
+
+
+def require_rows(report: dict[str, Any], rows: list[tuple[str, str | None]]) -> None:
+    """ValueError naming the flag for each ``(flag, row name)`` the report has no row of (a None name is skipped)."""
+    names = [o["name"] for o in report["optimizers"]]
+    for flag, name in rows:
+        if name is not None and name not in names:
+            raise ValueError(f"{flag}: no row named {name!r}; the reports have {', '.join(map(repr, names))}")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", nargs="+", help="report.json files of the same tasks (later ones win per setting)")
@@ -293,13 +310,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
     try:
-        report = merge([_load(p) for p in args.report])
-        for path in args.rows_from:
-            report = add_rows(report, _load(path))
-        names = [o["name"] for o in report["optimizers"]]
-        for flag, name in (("--optimizer", args.optimizer), ("--psi0", args.psi0)):
-            if name is not None and name not in names:
-                raise ValueError(f"{flag}: no row named {name!r}; the reports have {', '.join(map(repr, names))}")
+        report = read_reports(args.report, args.rows_from)
+        require_rows(report, [("--optimizer", args.optimizer), ("--psi0", args.psi0)])
     except ValueError as e:
         print(f"targets: {e}", file=sys.stderr)
         return 2

@@ -13,12 +13,9 @@ import os
 import sys
 
 from l3rs import storage
-from l3rs.artifact import load_psi, save_artifact, with_options
+from l3rs.artifact import COMPUTED_FIELDS, load_psi, save_artifact, with_options
 from l3rs.cli import toml_value
 from l3rs.names import display_uri
-
-# Fields save_artifact computes afresh.
-_COMPUTED = ("format", "optimizer", "layer_paths", "psi_size", "sha256", "created", "versions")
 
 
 def main(argv: list[str]) -> int:
@@ -33,7 +30,7 @@ def main(argv: list[str]) -> int:
     psi, config, meta = load_psi(src)
     derived = with_options(config, options)
     run = meta.get("run_name") or os.path.basename(os.path.dirname(os.path.normpath(src)))
-    extra = {k: v for k, v in meta.items() if k not in _COMPUTED}
+    extra = {k: v for k, v in meta.items() if k not in COMPUTED_FIELDS}
     label = f"{derived.label} ({run}, " + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
     extra.update(label=label, derived_from={"artifact": display_uri(src), "sha256": meta["sha256"], "options": options})
     save_artifact(dst, psi, derived, extra)
