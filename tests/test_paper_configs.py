@@ -241,8 +241,10 @@ def imagenet(mock_data: Any, compile_cache: None, gpu_node: Any, cifar_cli: Any,
     pre = l3rs.pretrain(cfg, progress=False)
     places_pre = l3rs.pretrain(places, progress=False)
     run = l3rs.train(cfg, progress=False)
-    # A: in-domain; C: ImageNet tasks from the Places θ0 (the consumer of places_resnet34_pretrain.toml's output).
-    res = l3rs.evaluate(cfg, psi=run.psi_uri, settings="AC", progress=False)
+    # C: ImageNet tasks from the Places θ0 (the consumer of places_resnet34_pretrain.toml's output). A, the same
+    # tasks from ImageNet's own θ0, is the same code on another checkpoint (CIFAR-100's evaluation runs its A): left
+    # out for time.
+    res = l3rs.evaluate(cfg, psi=run.psi_uri, settings="C", progress=False)
     return cfg, places, pre, places_pre, run, res
 
 
@@ -252,7 +254,7 @@ def test_imagenet_resnet34_end_to_end(imagenet: Any) -> None:
     assert (Path(cfg.data.cache) / "manifest.json").is_file()
     check_pretrain(pre, cfg)
     check_run(run.history, run.psi_uri, cfg)
-    check_report(res.report, "AC", "imagenet2012")
+    check_report(res.report, "C", "imagenet2012")
     assert (Path(res.out) / "report.md").is_file()
 
 
