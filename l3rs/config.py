@@ -302,6 +302,7 @@ class NESSection:
     decay_every: int = 500
     decay_factor: float = 0.5
     weight_decay: float = 0.0
+    weight_decay_toward: str = "zero"  # "zero": AdamW's decay of ψ; "psi0": a pull toward ψ₀ (= Adam(init_lr))
     noise: str = "sequential"  # l3rs.meta.nes.NOISE_MODES: "per_pair"/"table" for large populations/ψ (issue 14)
     fitness: str = "loss"  # "loss": −mean eval loss (paper §2); "log_loss": −mean log (scale-free; l3rs.meta.mixture)
 
@@ -319,6 +320,8 @@ class NESSection:
             raise ConfigError(f"nes.decay_factor: must lie in (0, 1], got {self.decay_factor}.")
         if self.weight_decay < 0:
             raise ConfigError(f"nes.weight_decay: must be >= 0, got {self.weight_decay}.")
+        if self.weight_decay_toward not in ("zero", "psi0"):
+            raise ConfigError(f'nes.weight_decay_toward: must be "zero" or "psi0", got {self.weight_decay_toward!r}.')
         if self.noise not in ("sequential", "per_pair", "table"):
             raise ConfigError(f'nes.noise: must be "sequential", "per_pair" or "table", got {self.noise!r}.')
         if self.fitness not in ("loss", "log_loss"):

@@ -30,6 +30,7 @@ def test_embedded_default_is_valid_and_round_trips():
         ({"optimizer": {"family": "velo_typo"}}, "optimizer.family"),
         ({"nes": {"sigma": -0.1}}, "nes.sigma"),
         ({"nes": {"sigmaa": 0.1}}, "nes.sigmaa"),
+        ({"nes": {"weight_decay_toward": "theta0"}}, "nes.weight_decay_toward"),
         ({"workers": {"min_workers": 3, "max_workers": 2}}, "workers.min_workers"),
         ({"workers": {"resources": {"GPU": 0}}}, "workers.resources"),
         ({"evaluate": {"k_grid": [10, 50]}}, "evaluate.k_grid"),

@@ -194,6 +194,37 @@ def test_weight_decay_shrinks_mean():
     np.testing.assert_allclose(new.mean, [4.0 - 0.1 * 0.5 * 4.0], rtol=1e-6)
 
 
+def test_weight_decay_pulls_toward_the_anchor():
+    c = cfg(population_size=2, learning_rate=0.1, weight_decay=0.5)
+    state = nes.init(c, np.array([4.0, -1.0]))
+    eps, tie = np.array([[1.0, 1.0]], np.float32), np.array([1.0, 1.0])  # tie: zero gradient
+    new, _ = nes.tell(c, state, eps, tie, anchor=np.array([2.0, -1.0]))
+    np.testing.assert_allclose(new.mean, [4.0 - 0.1 * 0.5 * (4.0 - 2.0), -1.0], rtol=1e-6)  # at the anchor: stays
+    origin, _ = nes.tell(c, state, eps, tie, anchor=np.zeros(2))
+    default, _ = nes.tell(c, state, eps, tie)
+    np.testing.assert_array_equal(origin.mean, default.mean)  # anchor=None is the origin
+
+
+def test_tell_seeded_passes_the_anchor_as_tell_does():
+    c = cfg(population_size=8, weight_decay=0.3)
+    state = nes.init(c, np.random.default_rng(1).normal(size=20))
+    anchor = np.random.default_rng(2).normal(size=20)
+    fitness = np.random.default_rng(3).normal(size=8)
+    eps, _ = nes.ask(c, state, seed=5)
+    by_matrix, _ = nes.tell(c, state, eps, fitness, anchor=anchor)
+    by_seed, _ = nes.tell_seeded(c, state, 5, fitness, anchor=anchor)
+    np.testing.assert_array_equal(by_matrix.mean, by_seed.mean)
+    assert not np.array_equal(by_seed.mean, nes.tell_seeded(c, state, 5, fitness)[0].mean)
+
+
+@pytest.mark.parametrize("anchor", [np.zeros(3), np.array([0.0, np.inf])], ids=["shape", "nonfinite"])
+def test_a_bad_anchor_is_named(anchor):
+    c = cfg(population_size=2, weight_decay=0.1)
+    state = nes.init(c, np.zeros(2))
+    with pytest.raises(ValueError, match="^anchor:"):
+        nes.tell(c, state, np.ones((1, 2), np.float32), np.array([1.0, 2.0]), anchor=anchor)
+
+
 def test_tell_is_deterministic_and_state_round_trips():
     c = cfg(population_size=16)
     state = nes.init(c, np.random.default_rng(0).normal(size=50))

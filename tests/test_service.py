@@ -268,6 +268,24 @@ def test_nan_candidates_rank_worst_and_do_not_break_the_run(cluster, tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(psi))
 
 
+def test_weight_decay_toward_psi0_pulls_the_run_toward_its_start(cluster, tmp_path):
+    """``nes.weight_decay_toward = "psi0"``: the driver passes ψ₀ as NES's anchor. With weight_decay · learning_rate =
+    1, one generation gives ψ₁ = ψ₀ + α (m̂/(√v̂ + ε) − 1/α · (ψ₀ − ψ₀)) = ψ₀ + α · sign(g) (Adam's first step), within
+    α of ψ₀ everywhere; decay toward the origin would give ψ₁ = α · sign(g), nowhere near ψ₀."""
+    import l3rs
+    from l3rs.meta.runner import initial_meta
+
+    lr = 0.02
+    cfg = tiny_config(tmp_path, "anchor").replace(
+        nes={"generations": 1, "learning_rate": lr, "weight_decay": 1 / lr, "weight_decay_toward": "psi0"}
+    )
+    result = Background(Driver(cfg, progress=False)).join()
+    start = np.asarray(l3rs.meta_to_vector(initial_meta(cfg)))
+    trained = np.asarray(l3rs.meta_to_vector(l3rs.load_psi(result.psi_uri)[0]))
+    assert 0 < np.abs(trained - start).max() <= lr * (1 + 1e-5)
+    assert np.abs(start).max() > 10 * lr  # so the origin's pull would have shown
+
+
 @pytest.mark.parametrize("family", ["fc_lopt", "velo"])
 def test_other_learned_optimizer_families_meta_train_through_the_same_service(cluster, tmp_path, family):
     """Issue 5/6: FC-LOpt and VeLO (ft) are meta-trained by the same driver, pool and workers as L3RS; their artifact

@@ -107,7 +107,9 @@ class NESConfig:
       decay_factor: x_t = x_0 · decay_factor ** (t / decay_every) for x ∈ {σ, α} (paper: 0.5);
         1 disables the decay.
       adam_b1, adam_b2, adam_eps: Adam's moment decay rates and denominator epsilon.
-      weight_decay: decoupled (AdamW-style) weight decay on the mean, scaled by the decayed learning rate.
+      weight_decay: decoupled (AdamW-style) weight decay on the mean, scaled by the decayed learning rate. It pulls
+        the mean toward the ``anchor`` given to :func:`tell` (the origin by default; the driver passes ψ₀ under
+        ``nes.weight_decay_toward = "psi0"``, a regulariser toward the untrained optimizer).
       noise: how pair i's noise is drawn, one of :data:`NOISE_MODES` (see the module docstring):
         ``"sequential"`` (default, reproduces earlier runs) or ``"per_pair"`` (O(D) per pair anywhere: for scale).
     """
@@ -345,7 +347,14 @@ def centered_ranks(fitness: np.ndarray) -> np.ndarray:
     return ranks / (n - 1) - 0.5
 
 
-def tell(config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarray) -> tuple[NESState, dict[str, Any]]:
+def tell(
+    config: NESConfig,
+    state: NESState,
+    eps: np.ndarray,
+    fitness: np.ndarray,
+    *,
+    anchor: np.ndarray | None = None,
+) -> tuple[NESState, dict[str, Any]]:
     """One NES step: shape the fitness, estimate the gradient, take an Adam *ascent* step on the mean.
 
     Args:
@@ -354,6 +363,7 @@ def tell(config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarra
       eps: the noise ``ask`` returned, [pop/2, D].
       fitness: [pop], to be MAXIMISED (the driver passes −mean eval loss), in candidate order. NaN/inf
         allowed: such candidates rank worst (:func:`centered_ranks`) and never make the mean non-finite.
+      anchor: where ``weight_decay`` pulls the mean, finite [D]; ``None`` (default) is the origin.
 
     The gradient estimate of E[F(ψ + σ_t ε)] (Salimans et al. 2017, averaged over all ``pop`` candidates) is
 
@@ -361,7 +371,7 @@ def tell(config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarra
 
     followed by an Adam ascent step with bias correction at step t+1 and the decayed learning rate α_t:
 
-        mean ← mean + α_t (m̂ / (√v̂ + adam_eps) − weight_decay · mean)
+        mean ← mean + α_t (m̂ / (√v̂ + adam_eps) − weight_decay · (mean − anchor))
 
     If no candidate has a finite fitness the generation carries no information: the mean and Adam's moments
     stay unchanged and only the generation advances (``info["skipped"]``), so the next ``ask`` draws fresh
@@ -377,10 +387,17 @@ def tell(config: NESConfig, state: NESState, eps: np.ndarray, fitness: np.ndarra
     eps = np.asarray(eps)
     if eps.shape != (pairs, dim):
         raise ValueError(f"eps: expected shape {(pairs, dim)} (population_size // 2, D), got {eps.shape}.")
-    return _tell(config, state, fitness, lambda diff, grad: _accumulate(enumerate(eps), diff, grad))
+    return _tell(config, state, fitness, lambda diff, grad: _accumulate(enumerate(eps), diff, grad), anchor)
 
 
-def tell_seeded(config: NESConfig, state: NESState, seed: int, fitness: np.ndarray) -> tuple[NESState, dict[str, Any]]:
+def tell_seeded(
+    config: NESConfig,
+    state: NESState,
+    seed: int,
+    fitness: np.ndarray,
+    *,
+    anchor: np.ndarray | None = None,
+) -> tuple[NESState, dict[str, Any]]:
     """:func:`tell` that regenerates the noise of ``(seed, state.generation)`` pair by pair instead of taking the
     [pop/2, D] matrix: O(D) memory, the same float64 accumulation in the same order, so the new state is bit-identical
     to ``tell(config, state, *ask(config, state, seed)[:1], fitness)``. In ``"per_pair"`` mode a pair whose shaped
@@ -400,7 +417,7 @@ def tell_seeded(config: NESConfig, state: NESState, seed: int, fitness: np.ndarr
         else:  # every row is drawn: the stream is sequential
             _accumulate(enumerate(noise_rows(mode, seed, generation, len(diff), dim)), diff, grad)
 
-    return _tell(config, state, fitness, accumulate)
+    return _tell(config, state, fitness, accumulate, anchor)
 
 
 def _accumulate(rows: Iterator[tuple[int, np.ndarray]], diff: np.ndarray, grad: np.ndarray) -> None:
@@ -431,11 +448,18 @@ def _tell(
     state: NESState,
     fitness: np.ndarray,
     accumulate: Callable[[np.ndarray, np.ndarray], None],
+    anchor: np.ndarray | None,
 ) -> tuple[NESState, dict[str, Any]]:
     pop, dim = config.population_size, state.mean.shape[0]
     fitness = np.asarray(fitness, dtype=np.float64)
     if fitness.shape != (pop,):
         raise ValueError(f"fitness: expected shape {(pop,)} (population_size,), got {fitness.shape}.")
+    if anchor is not None:
+        anchor = np.asarray(anchor, dtype=np.float64)
+        if anchor.shape != (dim,):
+            raise ValueError(f"anchor: expected shape {(dim,)} (the mean's), got {anchor.shape}.")
+        if not np.all(np.isfinite(anchor)):
+            raise ValueError(f"anchor: must be finite, found {int((~np.isfinite(anchor)).sum())} non-finite entries.")
 
     t = int(state.generation)
     sigma, lr = sigma_at(config, t), learning_rate_at(config, t)
@@ -466,8 +490,8 @@ def _tell(
     v_hat = v / (1.0 - b2 ** (t + 1))
     mean64 = state.mean.astype(np.float64)
     direction = m_hat / (np.sqrt(v_hat) + float(config.adam_eps))
-    if config.weight_decay:
-        direction = direction - float(config.weight_decay) * mean64
+    if config.weight_decay:  # decoupled, toward the anchor (the origin when None)
+        direction = direction - float(config.weight_decay) * (mean64 if anchor is None else mean64 - anchor)
     new_mean = (mean64 + lr * direction).astype(np.float32)  # ascent: fitness is maximised
     info.update(
         grad_norm=float(np.linalg.norm(grad)),

@@ -284,7 +284,9 @@ class Driver:
         own_pool = pool is None
         self._prepare_run_dir(check_cluster=own_pool)
         template = initial_meta(self.cfg)
-        state, history = self._load_or_init(np.asarray(meta_to_vector(template)))
+        psi0 = np.asarray(meta_to_vector(template), dtype=np.float32)  # a pure function of the config and run.seed
+        state, history = self._load_or_init(psi0)
+        anchor = psi0 if self.cfg.nes.weight_decay_toward == "psi0" else None  # where nes.weight_decay pulls ψ
         self.generation = int(state.generation)
         self.checkpoint_generation = int(state.generation) if state.generation else None
         total = self.cfg.nes.generations
@@ -317,7 +319,7 @@ class Driver:
                 # Fitness = −mean eval loss over the meta-batch (paper §2), or with nes.fitness = "log_loss" −mean log
                 # eval loss (scale-free across task sources, l3rs.meta.mixture). NaN/inf ⇒ ranked worst by NES.
                 fitness = mixture.fitness(losses, self.cfg.nes.fitness)
-                state, info = nes.tell_seeded(self.nes_cfg, state, self.cfg.run.seed, fitness)  # O(D) memory
+                state, info = nes.tell_seeded(self.nes_cfg, state, self.cfg.run.seed, fitness, anchor=anchor)  # O(D)
                 self.generation = int(state.generation)
                 seconds = time.perf_counter() - start
                 stats = pool.stats()
