@@ -98,7 +98,7 @@ def _writeable(tree: Any) -> Any:
     return tree
 
 
-def save_checkpoint(run_dir: str, generation: int, state: dict[str, Any], *, keep_last: int = 3) -> str:
+def save_checkpoint(run_dir: str, generation: int, state: dict[str, Any], *, keep_last: int | None = 3) -> str:
     """Writes ``state`` as the checkpoint of ``generation`` atomically and applies retention; returns its URI.
 
     Args:
@@ -106,15 +106,16 @@ def save_checkpoint(run_dir: str, generation: int, state: dict[str, Any], *, kee
       generation: non-negative int; the file of an existing generation is replaced atomically.
       state: dict with string keys whose values are numpy arrays/scalars, int, float, str, bytes, bool,
         None or nested dicts of the same.
-      keep_last: how many checkpoints (the newest, by generation) to keep, >= 1. Checkpoints of generations
+      keep_last: how many checkpoints (the newest, by generation) to keep, >= 1; ``None`` keeps every one (to read
+        ψ at any checkpointed generation later, e.g. for early stopping). Checkpoints of generations
         *after* ``generation`` belong to an abandoned timeline (the run was resumed from an older
         checkpoint, e.g. because those were corrupt) and are deleted with a warning, so they can never be
         loaded in place of this one.
     """
     if isinstance(generation, bool) or not isinstance(generation, int | np.integer) or generation < 0:
         raise ValueError(f"generation: must be a non-negative integer, got {generation!r}.")
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last: must be an integer >= 1, got {keep_last!r}.")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last: must be an integer >= 1 or None (keep all), got {keep_last!r}.")
     if not isinstance(state, dict):
         raise ValueError(f"state: must be a dict, got {type(state).__name__}.")
     _check_tree(state, "state")
@@ -138,7 +139,7 @@ def save_checkpoint(run_dir: str, generation: int, state: dict[str, Any], *, kee
             )
             storage.delete_file(old)
     older = [(gen, u) for gen, u in existing if gen <= generation]
-    for _, old in older[: max(0, len(older) - keep_last)]:
+    for _, old in older[: max(0, len(older) - keep_last)] if keep_last is not None else ():
         storage.delete_file(old)
     return uri
 

@@ -51,6 +51,7 @@ class RunSection:
     storage: str = "runs"  # local path, s3://bucket/prefix or gs://bucket/prefix
     seed: int = 0
     checkpoint_every: int = 5  # generations
+    keep_checkpoints: int = 3  # the newest N checkpoints are kept; 0 keeps every one
 
     def validate(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
@@ -58,6 +59,9 @@ class RunSection:
         if not self.storage:
             raise ConfigError("run.storage: must be a local path or an s3:// / gs:// URI.")
         _positive("run.checkpoint_every", self.checkpoint_every)
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ConfigError(f"run.keep_checkpoints: must be an integer >= 0 (0 keeps every one), got {keep!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ def test_embedded_default_is_valid_and_round_trips():
         ({"model": {"name": "vgg"}}, "model.name"),
         ({"tasks": {}}, "[tasks]"),
         ({"run": {"name": "a/b"}}, "run.name"),
+        ({"run": {"keep_checkpoints": -1}}, "run.keep_checkpoints"),
     ],
 )
 def test_bad_fields_are_named(raw, field):

@@ -30,7 +30,7 @@ GENERATIONS = 5
 
 def tiny_config(storage: Any, name: str, **workers: Any) -> Config:
     return Config().replace(
-        run={"name": name, "storage": str(storage), "checkpoint_every": 1, "seed": 7},
+        run={"name": name, "storage": str(storage), "checkpoint_every": 1, "keep_checkpoints": 0, "seed": 7},
         data={"dataset": "sklearn_digits"},
         model={"name": "small_cnn", "checkpoint": "random"},
         task={"num_classes": 3, "batch_size": 32, "eval_batch_size": 64, "k_min": 30, "k_max": 60},
@@ -123,7 +123,7 @@ def test_undisturbed_run_writes_history_plots_checkpoints_and_artifact(reference
     assert all(r["units"] == 4 and r["nonfinite_candidates"] == 0 for r in rows)
     assert os.path.getsize(os.path.join(reference.run_dir, "plots", "meta_training.png")) > 10_000
     ckpts = sorted(os.listdir(os.path.join(reference.run_dir, "checkpoints")))
-    assert ckpts and ckpts[-1].startswith(f"gen_{GENERATIONS:06d}")
+    assert ckpts == [f"gen_{g:06d}.ckpt" for g in range(1, GENERATIONS + 1)]  # run.keep_checkpoints = 0: every one
     meta = verify_artifact(reference.psi_uri)
     assert meta["sha256"] == reference.psi_sha256 and meta["generations"] == GENERATIONS
     psi, _, _ = l3rs.load_psi(reference.psi_uri)

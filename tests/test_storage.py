@@ -233,6 +233,9 @@ def test_retention_keeps_the_newest(tmp_path):
     assert [g for g, _ in checkpoint.list_checkpoints(run_dir)] == [46]
     # Only checkpoint files are counted or touched; no temp files are left behind.
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["gen_000046.ckpt"]
+    for g in (47, 48, 49, 50):
+        checkpoint.save_checkpoint(run_dir, g, {"g": g}, keep_last=None)  # None: every one stays
+    assert [g for g, _ in checkpoint.list_checkpoints(run_dir)] == [46, 47, 48, 49, 50]
 
 
 def test_saving_an_older_generation_drops_the_abandoned_newer_ones(tmp_path, caplog):
@@ -247,8 +250,9 @@ def test_saving_an_older_generation_drops_the_abandoned_newer_ones(tmp_path, cap
 
 
 def test_save_checkpoint_rejects_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="keep_last"):
-        checkpoint.save_checkpoint(str(tmp_path), 0, {}, keep_last=0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="keep_last"):
+            checkpoint.save_checkpoint(str(tmp_path), 0, {}, keep_last=bad)
     with pytest.raises(ValueError, match="generation"):
         checkpoint.save_checkpoint(str(tmp_path), -1, {})
     with pytest.raises(ValueError, match=r"state\.a\.b"):

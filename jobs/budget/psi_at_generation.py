@@ -4,10 +4,11 @@ gives ψ at several budgets along one trajectory (``l3rs evaluate --psi`` then c
 
     python jobs/budget/psi_at_generation.py RUN_DIR/checkpoints/gen_000200.ckpt RUN_DIR/psi DST
 
-A run keeps only its newest checkpoints (``l3rs.checkpoint.save_checkpoint``'s ``keep_last``): copy the ones you want
-aside while it runs. Checked: the checkpoint holds a ψ of the artifact's size, at or before the artifact's generation;
-DST must not hold an artifact already. That the two are of the same run is not checked (a checkpoint stores no run
-name): the new artifact's ``derived_from`` records both, named relative to the checkpoint's run folder.
+A run keeps its newest ``run.keep_checkpoints`` checkpoints (3 by default): set it to 0 to keep every one, or extend a
+run in stages (``nes.generations`` may grow on resume). Checked: the checkpoint holds a ψ of the artifact's size, at or
+before the artifact's generation; DST must not hold an artifact already. That the two are of the same run is not
+checked (a checkpoint stores no run name): the new artifact's ``derived_from`` records both, named relative to the
+checkpoint's run folder.
 """
 
 from __future__ import annotations

@@ -166,6 +166,7 @@ class Driver:
             self.run_dir,
             state.generation,
             {"nes": nes.state_to_dict(state), "history": json.dumps(history)},
+            keep_last=self.cfg.run.keep_checkpoints or None,  # 0: every one
         )
 
     def _write_outputs(self, state: nes.NESState, history: list[dict[str, Any]], template) -> dict[str, Any]:
