@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 11: does keeping ψ near ψ₀ (= Adam(init_lr), which is safe out of domain) close what the default misses there?
+# Two ways, on the default config (G1; NES seed 0, and 1 for w = 1), measured on issue 11's 32-task protocol (evaluation seed 7,
+# settings A-E, K up to 500) against the full Adam grid and the FC-LOpt / VeLO rows of docs/generalization:
+#   - early stopping: ψ at generations 25 and 50 of the default run (whose generation 100 is the shipped ψ; NES's
+#     schedule depends on the generation, not on the total, so a run stopped at 50 is the default run's generation 50);
+#   - a pull toward ψ₀ for all 100 generations: nes.weight_decay_toward = "psi0", nes.weight_decay = 1 and 2 (the mean
+#     forgets a displacement from ψ₀ in 1 / (learning_rate · weight_decay) = 50 and 25 generations); w = 1 also with
+#     NES seed 1.
+#
+#   make demo                                      # θ0s -> runs/demo (or: l3rs pretrain for both configs)
+#   bash jobs/anchor/run.sh                        # ~75 min on 2 cores; every stage resumes
+#
+# The evaluation starts from a copy of the stability measurement's journal if there is one
+# (jobs/stability/exp_z_truncation.sh: ψ₀ and Adam 3e-2 on the same tasks), so only the new rows run.
+# docs/anchor/ holds what these wrote (runs/eval32-early -> docs/anchor/early, runs/eval32-anchor -> docs/anchor,
+# runs/eval32-anchor-seed1 -> docs/anchor/seed1).
+set -euo pipefail
+read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
+read -ra PY <<< "${PY:-python}"
+S=${S:-runs/demo}
+G=docs/generalization
+A=runs/anchor
+CFG=jobs/configs/glyphs_default.toml
+CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
+GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false
+      --set "evaluate.adam_lrs=[3e-2]" --set evaluate.seed=7)
+evaluate() {  # OUT ROW... : the rows' ψs on the 32 tasks, then each row's targets
+  local out=$1; shift
+  local psis=() row
+  for row in "$@"; do psis+=(--psi "${PSI[$row]}"); done
+  mkdir -p "$out"
+  [[ ! -d runs/eval32-options/tasks ]] || cp -rn runs/eval32-options/tasks "$out"/
+  "${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${psis[@]}" --out "$out"
+  for row in "$@"; do
+    "${PY[@]}" jobs/generalization/targets.py $G/report.json $G/bd/report.json \
+      --rows-from "$out/report.json" --optimizer "L3RS ($row)" --psi0 "L3RS ψ₀" > "$A/targets-${row// @ /-}.md"
+  done
+}
+declare -A PSI
+mkdir -p $A
+for gen in 25 50; do  # one run extended in stages: a stage's newest checkpoint is ψ at that generation
+  PSI["G1-early @ $gen"]=$A/psi-G1-early-$gen
+  if [[ ! -e $A/psi-G1-early-$gen/metadata.json ]]; then
+    "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-early --set nes.generations=$gen
+    "${PY[@]}" jobs/budget/psi_at_generation.py "$S/G1-early/checkpoints/$(printf gen_%06d.ckpt $gen)" \
+      "$S/G1-early/psi" "$A/psi-G1-early-$gen"
+  fi
+done
+evaluate runs/eval32-early "G1-early @ 25" "G1-early @ 50"
+for w in 1 2; do
+  "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor$w --set nes.weight_decay=$w --set nes.weight_decay_toward=psi0
+  PSI["G1-anchor$w"]=$S/G1-anchor$w/psi
+done
+evaluate runs/eval32-anchor G1-anchor1 G1-anchor2
+# w = 1 with NES seed 1 (one ψ alone in an evaluation is the row "L3RS")
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor1-seed1 --set run.seed=1 --set nes.weight_decay=1 \
+  --set nes.weight_decay_toward=psi0
+mkdir -p runs/eval32-anchor-seed1
+[[ ! -d runs/eval32-options/tasks ]] || cp -rn runs/eval32-options/tasks runs/eval32-anchor-seed1/
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE --psi $S/G1-anchor1-seed1/psi \
+  --out runs/eval32-anchor-seed1
+"${PY[@]}" jobs/generalization/targets.py $G/report.json $G/bd/report.json --rows-from runs/eval32-anchor-seed1/report.json \
+  --optimizer "L3RS" --psi0 "L3RS ψ₀" > $A/targets-G1-anchor1-seed1.md
