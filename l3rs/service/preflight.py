@@ -49,8 +49,9 @@ __all__ = [
 
 # Sections whose change alters the math of a run: resuming with a different value is refused ...
 RESUME_SECTIONS = ("data", "model", "task", "optimizer", "nes", "run")
-# ... except these: where the run folder lives, how often it checkpoints, how long it runs (extending a run), and where
-# the data cache lives (any cache serving the run must match its dataset, image size and class split: check_data).
+# ... except these: where the run folder lives, how often it checkpoints and how many it keeps, how long it runs
+# (extending a run), and where the data cache lives (any cache serving the run must match its dataset, image size and
+# class split: check_data).
 RESUME_MAY_CHANGE = {("run", "checkpoint_every"), ("run", "keep_checkpoints"), ("run", "storage"),
                      ("nes", "generations"), ("model", "module_path"), ("data", "cache")}  # fmt: skip
 # pyarrow.fs schemes run storage accepts (local paths need none).
