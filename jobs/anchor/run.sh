@@ -16,15 +16,9 @@
 # docs/anchor/ holds what these wrote (runs/eval32-early -> docs/anchor/early, runs/eval32-anchor -> docs/anchor,
 # runs/eval32-anchor-seed1 -> docs/anchor/seed1).
 set -euo pipefail
-read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
-read -ra PY <<< "${PY:-python}"
-S=${S:-runs/demo}
-G=docs/generalization
+source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK PROTOCOL
 A=runs/anchor
-CFG=jobs/configs/glyphs_default.toml
-CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
-GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false
-      --set "evaluate.adam_lrs=[3e-2]" --set evaluate.seed=7)
+GRID=("${PROTOCOL[@]}" --set "evaluate.adam_lrs=[3e-2]")
 evaluate() {  # OUT ROW... : the rows' ψs on the 32 tasks, then each row's targets
   local out=$1; shift
   local psis=() row

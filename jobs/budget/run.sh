@@ -14,15 +14,9 @@
 # (jobs/stability/exp_z_truncation.sh: ψ₀ and Adam 3e-2 on the same tasks), so only the new rows run.
 # docs/budget/ holds what these wrote.
 set -euo pipefail
-read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
-read -ra PY <<< "${PY:-python}"
-S=${S:-runs/demo}
-G=docs/generalization
+source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK PROTOCOL
 B=runs/budget
-CFG=jobs/configs/glyphs_default.toml
-CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
-GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false
-      --set "evaluate.adam_lrs=[3e-2]" --set evaluate.seed=7)
+GRID=("${PROTOCOL[@]}" --set "evaluate.adam_lrs=[3e-2]")
 PSIS=()
 for seed in 0 1; do
   run=G1-long300$([[ $seed == 0 ]] || echo "-seed$seed")

@@ -13,13 +13,9 @@
 # Each evaluation resumes from its journal (<out>/tasks); the B/D one starts from a copy of the first one's, so it
 # runs only the black-box rows.
 set -euo pipefail
-read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
-S=runs/demo
-G=docs/generalization
-CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
-GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false
-      --set "evaluate.adam_lrs=[3e-2, 1e-2, 3e-3, 1e-3, 3e-4]" --set evaluate.seed=7)
-CFG=jobs/configs/glyphs_default.toml
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/_protocol.sh"
+GRID=("${PROTOCOL[@]}" --set "evaluate.adam_lrs=[3e-2, 1e-2, 3e-3, 1e-3, 3e-4]")
 # 1. A second run of the default with another NES seed (7 min on 2 cores).
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name glyphs-default-seed1 --set run.seed=1
 # 2. Both default ψs against Adam, A-E: 32 x 5 tasks (about 1 h on 2 cores). The earlier G1 run and the two G2 runs

@@ -17,14 +17,8 @@
 # refuses the merge unless they agree there to the last digit (same θ0 bytes, tasks and data). docs/stability.md has
 # the table these commands produced; docs/stability_ablation/options32/ holds what they wrote.
 set -euo pipefail
-read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
-read -ra PY <<< "${PY:-python}"
-S=${S:-runs/demo}
-G=docs/generalization
-CFG=jobs/configs/glyphs_default.toml
-CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluate.other_checkpoint=$S/pretrain-fmnist)
-GRID=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false
-      --set "evaluate.adam_lrs=[3e-2]" --set evaluate.seed=7)
+source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK PROTOCOL
+GRID=("${PROTOCOL[@]}" --set "evaluate.adam_lrs=[3e-2]")
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G4-truncation --set task.truncation_prob=0.5
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G3-exp-z --set optimizer.lambda_skip=false
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G4-truncation-seed1 --set task.truncation_prob=0.5 --set run.seed=1
