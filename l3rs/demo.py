@@ -30,6 +30,7 @@ GLYPHS = {
     "run": {"name": "glyphs-default"},
     "data": {"dataset": "glyphs"},
     "task": {"eval_batch_size": 100},
+    "nes": {"weight_decay": 1.0, "weight_decay_toward": "psi0"},  # the pull toward ψ₀ (docs/anchor)
     "pretrain": {"steps": 3000, "learning_rate": 3e-3, "output": "runs/pretrain-glyphs"},
     "model": {"checkpoint": "runs/pretrain-glyphs"},
     "evaluate": {"other_dataset": "fashion_mnist_debian", "other_checkpoint": "runs/pretrain-fmnist"},
