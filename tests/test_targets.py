@@ -171,12 +171,13 @@ def test_the_command_line_states_bad_input_in_one_line_with_exit_code_2(targets,
 
 
 _OPTIONS_ROWS = [
-    ("L3RS (glyphs-default)", "G1 seed 0 (default, `make demo`)"), ("L3RS (glyphs-default-seed1)", "G1 seed 1"),
+    ("L3RS (glyphs-default)", "G1 seed 0 (previous default, `docs/demo-g1`)"),
+    ("L3RS (glyphs-default-seed1)", "G1 seed 1"),
     ("L3RS (G3-exp-z)", "G3 λ = exp(z)"), ("L3RS (G4-truncation)", "G4 truncation 0.5, seed 0"),
     ("L3RS (G4-truncation-seed1)", "G4 truncation 0.5, seed 1"),
 ]  # fmt: skip
 _BUDGET_ROWS = [
-    ("L3RS (glyphs-default)", "seed 0, 100 generations (default, `make demo`)"),
+    ("L3RS (glyphs-default)", "seed 0, 100 generations (previous default, `docs/demo-g1`)"),
     ("L3RS (G1-long300 @ 200)", "seed 0, 200"), ("L3RS (G1-long300 @ 300)", "seed 0, 300"),
     ("L3RS (glyphs-default-seed1)", "seed 1, 100"),
     ("L3RS (G1-long300-seed1 @ 200)", "seed 1, 200"), ("L3RS (G1-long300-seed1 @ 300)", "seed 1, 300"),
@@ -184,11 +185,12 @@ _BUDGET_ROWS = [
 
 
 _ANCHOR_ROWS = [
-    ("L3RS (glyphs-default)", "default: seed 0, 100 generations (`make demo`)"),
-    ("L3RS (glyphs-default-seed1)", "default: seed 1"),
-    ("L3RS (G1-early @ 25)", "default stopped at generation 25"),
-    ("L3RS (G1-early @ 50)", "default stopped at generation 50"),
-    ("L3RS (G1-anchor1)", "pull toward ψ₀, w = 1, seed 0"), ("L3RS", "pull toward ψ₀, w = 1, seed 1"),
+    ("L3RS (glyphs-default)", "G1 (previous default): seed 0 (`docs/demo-g1`)"),
+    ("L3RS (glyphs-default-seed1)", "G1: seed 1"),
+    ("L3RS (G1-early @ 25)", "G1 stopped at generation 25"),
+    ("L3RS (G1-early @ 50)", "G1 stopped at generation 50"),
+    ("L3RS (G1-anchor1)", "pull toward ψ₀, w = 1, seed 0 (the default now, `make demo`)"),
+    ("L3RS", "pull toward ψ₀, w = 1, seed 1"),
     ("L3RS (G1-anchor2)", "pull toward ψ₀, w = 2, seed 0"),
 ]  # fmt: skip
 _ROWS_FROM = {"anchor": ["report.json", "early/report.json", "seed1/report.json"]}

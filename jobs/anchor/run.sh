@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 11: does keeping ψ near ψ₀ (= Adam(init_lr), which is safe out of domain) close what the default misses there?
-# Two ways, on the default config (G1; NES seed 0, and 1 for w = 1), measured on issue 11's 32-task protocol (evaluation seed 7,
-# settings A-E, K up to 500) against the full Adam grid and the FC-LOpt / VeLO rows of docs/generalization:
-#   - early stopping: ψ at generations 25 and 50 of the default run (whose generation 100 is the shipped ψ; NES's
+# Two ways, on the default config of the time (G1, no pull; NES seed 0, and 1 for w = 1), measured on issue 11's
+# 32-task protocol (evaluation seed 7, settings A-E, K up to 500) against the full Adam grid and the FC-LOpt / VeLO
+# rows of docs/generalization. w = 1 became the default after this measurement (jobs/configs/glyphs_default.toml):
+#   - early stopping: ψ at generations 25 and 50 of the G1 run (whose generation 100 is docs/demo-g1's ψ; NES's
 #     schedule depends on the generation, not on the total, so a run stopped at 50 is the default run's generation 50);
 #   - a pull toward ψ₀ for all 100 generations: nes.weight_decay_toward = "psi0", nes.weight_decay = 1 and 2 (the mean
 #     forgets a displacement from ψ₀ in 1 / (learning_rate · weight_decay) = 50 and 25 generations); w = 1 also with
@@ -16,7 +17,7 @@
 # docs/anchor/ holds what these wrote (runs/eval32-early -> docs/anchor/early, runs/eval32-anchor -> docs/anchor,
 # runs/eval32-anchor-seed1 -> docs/anchor/seed1).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK PROTOCOL
+source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK P G1 PROTOCOL
 A=runs/anchor
 GRID=("${PROTOCOL[@]}" --set "evaluate.adam_lrs=[3e-2]")
 evaluate() {  # OUT ROW... : the rows' ψs on the 32 tasks, then each row's targets
@@ -36,9 +37,9 @@ mkdir -p $A
 for gen in 25 50; do  # one run extended in stages: a stage's newest checkpoint is ψ at that generation
   PSI["G1-early @ $gen"]=$A/psi-G1-early-$gen
   if [[ ! -e $A/psi-G1-early-$gen/metadata.json ]]; then
-    "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-early --set nes.generations=$gen
-    "${PY[@]}" jobs/budget/psi_at_generation.py "$S/G1-early/checkpoints/$(printf gen_%06d.ckpt $gen)" \
-      "$S/G1-early/psi" "$A/psi-G1-early-$gen"
+    "${L3RS[@]}" train --config $CFG "${CK[@]}" "${G1[@]}" --run-name G1-early --set nes.generations=$gen
+    "${PY[@]}" jobs/budget/psi_at_generation.py "$P/G1-early/checkpoints/$(printf gen_%06d.ckpt $gen)" \
+      "$P/G1-early/psi" "$A/psi-G1-early-$gen"
   fi
 done
 evaluate runs/eval32-early "G1-early @ 25" "G1-early @ 50"

@@ -7,7 +7,7 @@
 # (the previous default) come from the earlier measurement (step 2). Step 5 measures the θ0-diversity mixture
 # (jobs/configs/glyphs_narrow_mixture.toml) on the same tasks. docs/generalization/ holds what these wrote.
 #
-#   make demo                                  # θ0s and this machine's default ψ -> runs/demo (19-26 min)
+#   make demo                                  # θ0s -> runs/demo (19-26 min; or: l3rs pretrain for both configs)
 #   bash jobs/generalization/run.sh
 #
 # Each evaluation resumes from its journal (<out>/tasks); the B/D one starts from a copy of the first one's, so it
@@ -16,12 +16,14 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/_protocol.sh"
 GRID=("${PROTOCOL[@]}" --set "evaluate.adam_lrs=[3e-2, 1e-2, 3e-3, 1e-3, 3e-4]")
-# 1. A second run of the default with another NES seed (7 min on 2 cores).
-"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name glyphs-default-seed1 --set run.seed=1
+# 1. Two runs of G1, the default of this measurement (before the pull toward ψ₀; `make demo` made the first one
+#    then): NES seeds 0 and 1 (7-10 min each on 2 cores).
+"${L3RS[@]}" train --config $CFG "${CK[@]}" "${G1[@]}" --run-name glyphs-default
+"${L3RS[@]}" train --config $CFG "${CK[@]}" "${G1[@]}" --run-name glyphs-default-seed1 --set run.seed=1
 # 2. Both default ψs against Adam, A-E: 32 x 5 tasks (about 1 h on 2 cores). The earlier G1 run and the two G2 runs
 #    were measured on the same tasks by the previous measurement (docs/generalization/earlier; add
 #    `--psi $G/earlier/psi-g1 --psi $G/psi-g2-run1 --psi $G/psi-g2-run2` to measure them here too).
-PSIS=(--psi $S/glyphs-default/psi --psi $S/glyphs-default-seed1/psi)
+PSIS=(--psi $P/glyphs-default/psi --psi $P/glyphs-default-seed1/psi)
 "${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${PSIS[@]}" --out runs/eval32
 # 3. B and D with the black-box learned optimizers -> docs/generalization/bd (meta-trained by `l3rs train --config
 #    jobs/configs/baselines/glyphs_{fc_lopt,velo_ft}.toml "${CK[@]}"`, kept in $G/baselines): only their rows run.
@@ -30,7 +32,7 @@ mkdir -p runs/eval32-bd && cp -rn runs/eval32/tasks runs/eval32-bd/
   --psi $G/baselines/psi-fc-lopt --psi $G/baselines/psi-velo-ft --out runs/eval32-bd
 # 4. The targets of each L3RS row: every setting from the first report, B and D from the second (FC-LOpt, VeLO).
 for opt in "L3RS (glyphs-default)" "L3RS (glyphs-default-seed1)"; do
-  python jobs/generalization/targets.py runs/eval32/report.json runs/eval32-bd/report.json --optimizer "$opt"
+  "${PY[@]}" jobs/generalization/targets.py runs/eval32/report.json runs/eval32-bd/report.json --optimizer "$opt"
 done
 # 5. θ0 diversity (docs/generalization/narrow): the glyph mixture of the default θ0 and a narrow one (5 pretrain
 #    classes), meta-trained with NES seeds 0 and 1 and with weights 3:1, measured on the same journal (only their rows
@@ -42,7 +44,7 @@ NCK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs)
 "${L3RS[@]}" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-seed1 --set run.seed=1
 W3='task.sources=[{name="glyphs", weight=3.0}, {name="glyphs-narrow", checkpoint="runs/pretrain-glyphs-narrow", weight=1.0}]'
 "${L3RS[@]}" train --config $NCFG "${NCK[@]}" --run-name glyphs-narrow-mixture-w3 --set "$W3"
-NPSIS=(--psi $S/glyphs-default/psi --psi $S/glyphs-narrow-mixture/psi --psi $S/glyphs-narrow-mixture-seed1/psi
+NPSIS=(--psi $P/glyphs-default/psi --psi $S/glyphs-narrow-mixture/psi --psi $S/glyphs-narrow-mixture-seed1/psi
        --psi $S/glyphs-narrow-mixture-w3/psi)
 mkdir -p runs/eval32-narrow && cp -rn runs/eval32/tasks runs/eval32-narrow/
 "${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE "${NPSIS[@]}" --out runs/eval32-narrow
@@ -50,5 +52,5 @@ mkdir -p runs/eval32-narrow-bd && cp -rn runs/eval32-bd/tasks runs/eval32-narrow
 "${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings BD "${NPSIS[@]}" \
   --psi $G/baselines/psi-fc-lopt --psi $G/baselines/psi-velo-ft --out runs/eval32-narrow-bd
 for opt in "L3RS (glyphs-narrow-mixture)" "L3RS (glyphs-narrow-mixture-seed1)" "L3RS (glyphs-narrow-mixture-w3)"; do
-  python jobs/generalization/targets.py runs/eval32-narrow/report.json runs/eval32-narrow-bd/report.json --optimizer "$opt"
+  "${PY[@]}" jobs/generalization/targets.py runs/eval32-narrow/report.json runs/eval32-narrow-bd/report.json --optimizer "$opt"
 done

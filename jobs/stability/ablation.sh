@@ -12,15 +12,18 @@ STORAGE=${1:-runs/stability}
 read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
 read -ra PY <<< "${PY:-python}"
 CFG=jobs/configs/glyphs_default.toml
+NOPULL=(--set nes.weight_decay=0 --set nes.weight_decay_toward=zero)  # as before the pull toward ψ₀ (docs/anchor)
 run() {
   local name=$1; shift
   echo "=== $name: $*"
-  "${L3RS[@]}" train --config "$CFG" --set run.storage="$STORAGE" --set nes.generations=100 --run-name "$name" "$@"
+  "${L3RS[@]}" train --config "$CFG" --set run.storage="$STORAGE" --set nes.generations=100 "${NOPULL[@]}" \
+    --run-name "$name" "$@"
 }
 ORIGINAL=(--set optimizer.feature_scale=absolute)                     # the first release's features (§4.1 as written)
 run G0-absolute "${ORIGINAL[@]}" --set optimizer.lambda_max_adam_ratio=none   # ... and no bound on λ
-# G1: the bound alone, today's default (`make demo` meta-trains it into runs/demo/glyphs-default). Evaluated on issue
-# 11's 32-task protocol instead: jobs/generalization/run.sh and docs/generalization/README.md; `--with-g1` runs it here.
+# G1: the bound alone, the default from this ablation until the pull toward ψ₀ (docs/anchor). Evaluated on issue 11's
+# 32-task protocol instead (jobs/generalization/run.sh meta-trains it into runs/g1/glyphs-default;
+# docs/generalization/README.md); `--with-g1` runs it here.
 if [[ " $* " == *" --with-g1 "* ]]; then
   run G1-bound10 "${ORIGINAL[@]}" --set optimizer.lambda_max_adam_ratio=10   # λ ≤ 10 Adam-equivalent steps
 fi
