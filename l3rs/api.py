@@ -153,8 +153,13 @@ def train(
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return driver.run()
-    except _Signalled as s:
-        raise TrainingStopped(s.signum, driver.generation, driver.checkpoint_generation) from None
+    except BaseException:
+        # The handler's _Signalled may surface wrapped: raised inside a C extension's call (Ray's Cython
+        # `CoreWorker.wait`, where the driver blocks during a generation), it comes back as "SystemError: ...
+        # returned a result with an exception set". Whatever it became, a received signal is a clean stop.
+        if received:
+            raise TrainingStopped(received[0], driver.generation, driver.checkpoint_generation) from None
+        raise
     finally:
         if not received:  # after a signal the handlers stay, so a second Ctrl-C cannot interrupt the clean-up
             for sig, h in previous.items():

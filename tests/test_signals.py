@@ -115,3 +115,38 @@ def test_sigint_and_sigterm_stop_and_resume_to_the_same_psi(gpu_node, tmp_path):
     cfg = load_config(tmp_path / "sig.toml").replace(run={"name": "undisturbed"})
     undisturbed = Driver(cfg, progress=False).run()
     assert resumed["psi_sha256"] == undisturbed.psi_sha256
+
+
+def test_a_signal_wrapped_by_a_c_extension_still_stops_the_run_cleanly(ray_connected, tmp_path, monkeypatch):
+    """Ctrl-C while the driver blocks in Ray's Cython ``CoreWorker.wait`` (e.g. during the first generation) reaches
+    train() as ``SystemError: ... returned a result with an exception set``, the handler's exception as its cause.
+    train() still raises TrainingStopped (the CLI's resume line and exit code 130), not "failed: SystemError"."""
+    import l3rs.api as api
+    from l3rs.config import load_config
+    from l3rs.service.driver import Driver
+
+    def run(self: Driver, **kwargs: object) -> None:
+        try:
+            signal.raise_signal(signal.SIGINT)  # the handler raises here, as it does inside the extension's call
+        except BaseException as e:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from e
+
+    (tmp_path / "sig.toml").write_text(CONFIG.format(storage=tmp_path / "runs"))
+    cfg = load_config(tmp_path / "sig.toml")
+    monkeypatch.setattr(Driver, "run", run)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(api.TrainingStopped) as stopped:
+            api.train(cfg, stop_on_signals=True, progress=False)
+    finally:
+        for sig, handler in before.items():  # train() keeps its handlers after a signal (so clean-up is not cut)
+            signal.signal(sig, handler)
+    assert stopped.value.signum == signal.SIGINT
+    assert (
+        str(stopped.value)
+        == "stopped at generation 0; there is no checkpoint yet; rerun the same command to start again"
+    )
+    # Without a signal, the same error is the run's failure, not a stop.
+    monkeypatch.setattr(Driver, "run", lambda self, **kwargs: (_ for _ in ()).throw(SystemError("boom")))
+    with pytest.raises(SystemError, match="boom"):
+        api.train(cfg, stop_on_signals=True, progress=False)
