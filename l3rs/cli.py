@@ -545,7 +545,8 @@ def _describe_failure(e: BaseException, command: str) -> tuple[int | None, str]:
         return EXIT_BAD_INPUT, str(e)
     if isinstance(e, ClusterUnreachable):
         return EXIT_UNREACHABLE, str(e)
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+        # (a Ctrl-C inside a C extension's call, e.g. Ray's Cython wait, comes back as SystemError from it)
         return EXIT_SIGINT, "interrupted"
     first = (str(e).strip().splitlines() or [""])[0]
     return EXIT_FAILED, f"failed: {type(e).__name__}: {first} (--verbose shows the traceback)"

@@ -323,6 +323,30 @@ def test_verbose_shows_the_traceback(capsys, tmp_path):
     assert code == 2 and "Traceback" in err
 
 
+def test_ctrl_c_is_exit_130_also_when_a_c_extension_wraps_it(capsys, monkeypatch):
+    """Ctrl-C in any command: one line, exit 130, also when it surfaced inside a C extension's call as SystemError
+    (its cause the KeyboardInterrupt); a SystemError of another cause stays a failure (exit 1)."""
+    import l3rs.cli as cli
+
+    def wrapped(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from e
+
+    for fail, code, line in (
+        (wrapped, 130, "l3rs status: interrupted"),
+        (_raise_system_error, 1, "failed: SystemError"),
+    ):
+        monkeypatch.setattr(cli, "cmd_status", fail)
+        got, _, err = run_cli(capsys, "status", "job", "--address", "http://127.0.0.1:1")
+        assert got == code and line in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def _raise_system_error(args):
+    raise SystemError("boom")
+
+
 def test_no_traceback_in_subprocesses(head, failed_job, tmp_path):
     """The real command, as a user runs it, for the cases that printed tracebacks before."""
     address, gcs, env = head
