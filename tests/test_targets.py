@@ -192,8 +192,9 @@ _ANCHOR_ROWS = [
     ("L3RS (G1-anchor1)", "pull toward ψ₀, w = 1, seed 0 (the default now, `make demo`)"),
     ("L3RS", "pull toward ψ₀, w = 1, seed 1"),
     ("L3RS (G1-anchor2)", "pull toward ψ₀, w = 2, seed 0"),
+    ("L3RS (G1-anchor05)", "pull toward ψ₀, w = 0.5, seed 0"),
 ]  # fmt: skip
-_ROWS_FROM = {"anchor": ["report.json", "early/report.json", "seed1/report.json"]}
+_ROWS_FROM = {"anchor": ["report.json", "early/report.json", "seed1/report.json", "w05/report.json"]}
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,7 @@ _ROWS_FROM = {"anchor": ["report.json", "early/report.json", "seed1/report.json"
     [
         ("stability_ablation/options32", _OPTIONS_ROWS, [12, 14, 10, 16, 14]),
         ("budget", _BUDGET_ROWS, [12, 11, 10, 14, 13, 11]),
-        ("anchor", _ANCHOR_ROWS, [12, 14, 14, 16, 15, 14, 13]),
+        ("anchor", _ANCHOR_ROWS, [12, 14, 14, 16, 15, 14, 13, 13]),
     ],
 )
 def test_the_table_script_reproduces_the_published_tables(folder, rows, met):

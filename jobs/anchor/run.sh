@@ -15,7 +15,7 @@
 # The evaluation starts from a copy of the stability measurement's journal if there is one
 # (jobs/stability/exp_z_truncation.sh: ψ₀ and Adam 3e-2 on the same tasks), so only the new rows run.
 # docs/anchor/ holds what these wrote (runs/eval32-early -> docs/anchor/early, runs/eval32-anchor -> docs/anchor,
-# runs/eval32-anchor-seed1 -> docs/anchor/seed1).
+# runs/eval32-anchor-seed1 -> docs/anchor/seed1, runs/eval32-anchor05 -> docs/anchor/w05).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK P G1 PROTOCOL
 A=runs/anchor
@@ -57,3 +57,8 @@ mkdir -p runs/eval32-anchor-seed1
   --out runs/eval32-anchor-seed1
 "${PY[@]}" jobs/generalization/targets.py $G/report.json $G/bd/report.json --rows-from runs/eval32-anchor-seed1/report.json \
   --optimizer "L3RS" --psi0 "L3RS ψ₀" > $A/targets-G1-anchor1-seed1.md
+# w = 0.5 (NES seed 0), run after w = 1 had become the default: between G1 (w = 0) and w = 1. One evaluation with w = 1
+# beside it (their rows are named by run; w = 1's numbers must equal those above, which targets.py --rows-from checks).
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor05 --set nes.weight_decay=0.5 --set nes.weight_decay_toward=psi0
+PSI["G1-anchor05"]=$S/G1-anchor05/psi
+evaluate runs/eval32-anchor05 G1-anchor05 G1-anchor1
