@@ -40,7 +40,7 @@ OTHER_PRETRAIN = {"steps": 1500, "learning_rate": 1e-3}
 
 # The demo's budget: <= 30 minutes on 2 CPU cores (18.7 to 26.9 min measured on idle machines, README "Time").
 # Meta-training: NES population 16 (8 antithetic pairs), meta-batch 2, K ~ U[10, 100] (the embedded default),
-# 100 generations, 2 single-core workers (2-11 s per generation, 7-10 min). Evaluation (10-15 min): 16 held-out tasks
+# 100 generations, 2 single-core workers (2-22 s per generation, 7-10 min). Evaluation (10-15 min): 16 held-out tasks
 # per setting A-E, K in {10, 25, 50, 100, 200}, Adam constant and cosine at 5 learning rates (3e-2 ... 3e-4, the best
 # one inside), two processes. Head-only baselines are left to `l3rs evaluate` (they nearly double the evaluation).
 DEMO = {
