@@ -138,9 +138,10 @@ def save_checkpoint(run_dir: str, generation: int, state: dict[str, Any], *, kee
                 generation,
             )
             storage.delete_file(old)
-    older = [(gen, u) for gen, u in existing if gen <= generation]
-    for _, old in older[: max(0, len(older) - keep_last)] if keep_last is not None else ():
-        storage.delete_file(old)
+    if keep_last is not None:
+        older = [(gen, u) for gen, u in existing if gen <= generation]
+        for _, old in older[: max(0, len(older) - keep_last)]:
+            storage.delete_file(old)
     return uri
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 11: does a longer NES budget close what the default misses out of its domain? The default config then (G1,
-# before the pull toward ψ₀: "${G1[@]}")
-# meta-trained for 300 generations instead of the demo's 100, NES seeds 0 and 1, with ψ taken at generations 100, 200
-# and 300 of each trajectory (jobs/budget/psi_at_generation.py). NES's σ and learning-rate schedule depends on the
-# generation, not on the total, so generation 100 of seed 0 is docs/demo-g1's ψ and of seed 1 docs/generalization/seed1's.
+# before the pull toward ψ₀: "${G1[@]}") meta-trained for 300 generations instead of the demo's 100, NES seeds 0 and
+# 1, with ψ taken at generations 100, 200 and 300 of each trajectory (jobs/budget/psi_at_generation.py). NES's σ and
+# learning-rate schedule depends on the generation, not on the total, so generation 100 of seed 0 is docs/demo-g1's ψ
+# and of seed 1 docs/generalization/seed1's.
 # Measured on issue 11's 32-task protocol (evaluation seed 7, settings A-E, K up to 500) against the full Adam grid
 # and the FC-LOpt / VeLO rows of docs/generalization (targets.py --rows-from).
 #

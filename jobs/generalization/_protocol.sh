@@ -3,6 +3,7 @@
 # the default config, the previous default, and the protocol: evaluation seed 7, K up to 5 x K_max = 500, no
 # head-only baselines. Each script adds its Adam learning rates to PROTOCOL: run.sh the full grid; the scripts that
 # add rows only 3e-2, and read their rows against run.sh's report (targets.py --rows-from).
+# jobs/stability/ablation.sh (16 tasks, its own protocol) takes only the commands, the config and NOPULL.
 read -ra L3RS <<< "${L3RS:-l3rs}"
 read -ra PY <<< "${PY:-python}"
 S=${S:-runs/demo}
@@ -14,5 +15,6 @@ CK=(--set run.storage=$S --set model.checkpoint=$S/pretrain-glyphs --set evaluat
 # docs/anchor and docs/demo-g1's ψ. `make demo` meta-trains today's default into $S/glyphs-default; the scripts that
 # measure G1 meta-train it under the same run names (so their report rows keep their names) into $P.
 P=${P:-runs/g1}
-G1=(--set run.storage=$P --set nes.weight_decay=0 --set nes.weight_decay_toward=zero)
+NOPULL=(--set nes.weight_decay=0 --set nes.weight_decay_toward=zero)  # NES without the pull: G1's meta-training
+G1=(--set run.storage=$P "${NOPULL[@]}")
 PROTOCOL=(--set "evaluate.k_grid=[10, 25, 50, 100, 500]" --set evaluate.head_only_baselines=false --set evaluate.seed=7)

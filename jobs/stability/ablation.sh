@@ -9,10 +9,7 @@
 # Each run resumes if stopped.
 set -euo pipefail
 STORAGE=${1:-runs/stability}
-read -ra L3RS <<< "${L3RS:-l3rs}"  # a command, arguments allowed (e.g. "env X=1 l3rs")
-read -ra PY <<< "${PY:-python}"
-CFG=jobs/configs/glyphs_default.toml
-NOPULL=(--set nes.weight_decay=0 --set nes.weight_decay_toward=zero)  # as before the pull toward ψ₀ (docs/anchor)
+source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY CFG NOPULL (G1: no pull toward ψ₀)
 run() {
   local name=$1; shift
   echo "=== $name: $*"
