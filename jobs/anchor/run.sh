@@ -15,7 +15,8 @@
 # The evaluation starts from a copy of the stability measurement's journal if there is one
 # (jobs/stability/exp_z_truncation.sh: ψ₀ and Adam 3e-2 on the same tasks), so only the new rows run.
 # docs/anchor/ holds what these wrote (runs/eval32-early -> docs/anchor/early, runs/eval32-anchor -> docs/anchor,
-# runs/eval32-anchor-seed1 -> docs/anchor/seed1, runs/eval32-anchor05 -> docs/anchor/w05).
+# runs/eval32-anchor-seed1 -> docs/anchor/seed1, runs/eval32-anchor05 -> docs/anchor/w05, runs/eval32-cap3b ->
+# docs/anchor/cap3).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK P G1 PROTOCOL
 A=runs/anchor
@@ -62,3 +63,15 @@ mkdir -p runs/eval32-anchor-seed1
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor05 --set nes.weight_decay=0.5 --set nes.weight_decay_toward=psi0
 PSI["G1-anchor05"]=$S/G1-anchor05/psi
 evaluate runs/eval32-anchor05 G1-anchor05 G1-anchor1
+# λ ≤ 3 Adam-equivalent steps instead of 10 (optimizer.lambda_max_adam_ratio), with the pull w = 1, NES seed 0: do the
+# out-of-domain K = 10 misses come from steps at the bound? Evaluated beside w = 1, then again with w = 1 first (every
+# row from the journal): ψ₀'s row takes the first ψ's architecture, and only the default's ψ₀ matches docs/generalization.
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor1-cap3 --set optimizer.lambda_max_adam_ratio=3
+PSI["G1-anchor1-cap3"]=$S/G1-anchor1-cap3/psi
+mkdir -p runs/eval32-cap3
+[[ ! -d runs/eval32-anchor05/tasks ]] || cp -rn runs/eval32-anchor05/tasks runs/eval32-cap3/
+"${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE --psi "${PSI[G1-anchor1-cap3]}" \
+  --psi "${PSI[G1-anchor1]}" --out runs/eval32-cap3
+mkdir -p runs/eval32-cap3b
+cp -rn runs/eval32-cap3/tasks runs/eval32-cap3b/
+evaluate runs/eval32-cap3b G1-anchor1 G1-anchor1-cap3
