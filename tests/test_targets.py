@@ -195,7 +195,9 @@ _ANCHOR_ROWS = [
     ("L3RS (G1-anchor05)", "pull toward ψ₀, w = 0.5, seed 0"),
     ("L3RS (G1-anchor1-cap3)", "pull toward ψ₀, w = 1, λ ≤ 3 Adam-equivalent steps, seed 0"),
 ]  # fmt: skip
-_ROWS_FROM = {"anchor": ["report.json", "early/report.json", "seed1/report.json", "w05/report.json", "cap3/report.json"]}
+_ROWS_FROM = {
+    "anchor": ["report.json", "early/report.json", "seed1/report.json", "w05/report.json", "cap3/report.json"],
+}
 
 
 @pytest.mark.parametrize(
