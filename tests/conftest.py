@@ -12,6 +12,10 @@ Environment (set when this file is imported, before any Ray process starts, inhe
   different tests compile the same small inner loops; from the second process on they load the program instead of
   compiling it. Fresh per session, so a run here costs what CI's cold start costs. Compiled programs give the same
   numbers whether compiled or loaded, so no result depends on the cache.
+- ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`` (unless set): that cache keeps every program, not only those that
+  took JAX's default of 1 s to compile. Each of the session's many Ray workers and subprocesses compiles dozens of
+  small programs (initialisation, data preparation, the tiny test models' loops), each under a second; loading them
+  is faster (README, "Time").
 
 Fixtures:
 
@@ -56,6 +60,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l3rs-tests-xla-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 LOOPBACK = "127.0.0.1"
 HEAD_CPUS = 2
