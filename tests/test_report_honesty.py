@@ -239,6 +239,38 @@ def test_best_adam_rule_names_only_the_variants_run(honest):
     )
 
 
+def test_the_psi0_row_says_whose_options_it_was_made_with(honest, tmp_path):
+    """report.md says what ψ₀ is and whose options it has; with two artifacts of other options, build_optimizers
+    indeed makes ψ₀ with the first one's (here the bound on λ, which changes ψ₀'s numbers in their last bits)."""
+    from l3rs.artifact import save_artifact
+    from l3rs.optim import L3RSConfig
+    from l3rs.report import psi0_statement
+
+    statement = honest["report"]["meta"]["psi0"]
+    assert statement == "L3RS ψ₀ = the untrained start of meta-training (run.seed 0), with the options of the first " \
+        "artifact, L3RS."  # fmt: skip
+    assert statement in (honest["out"] / "report.md").read_text()
+
+    cfg = honest["cfg"]
+    first, second = L3RSConfig(lambda_max_adam_ratio=3.0), L3RSConfig()
+    uris = []
+    for name, opt_cfg in (("bound3", first), ("bound10", second)):
+        uri = str(tmp_path / name / "psi")
+        psi = opt_cfg.init(ev.model_params_shapes(cfg), jax.random.key(2))
+        save_artifact(uri, psi, opt_cfg, {"run_name": name, "model": "small_cnn", "k_range": [5, 10]})
+        uris.append(uri)
+    optimizers = ev.build_optimizers(cfg, ev.load_artifacts(uris))
+    psi0 = next(o for o in optimizers if o.group == "psi0")
+    assert psi0.config.lambda_max_adam_ratio == 3.0 and psi0.name == "L3RS ψ₀"
+    rows = [{"name": o.name, "group": o.group} for o in optimizers]
+    labels = [o.name for o in optimizers if o.kind == "learned" and o.group != "psi0"]
+    assert labels == ["L3RS (bound3)", "L3RS (bound10)"]
+    two = psi0_statement(rows, labels, 0)
+    assert "the first artifact, L3RS (bound3) (the other artifacts' own starts were not run)" in two
+    assert "[optimizer]" in psi0_statement(rows, [], 4) and "run.seed 4" in psi0_statement(rows, [], 4)
+    assert psi0_statement([r for r in rows if r["group"] != "psi0"], labels, 0) is None
+
+
 def _strings(x):
     if isinstance(x, dict):
         for k, v in x.items():

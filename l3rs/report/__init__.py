@@ -4,8 +4,8 @@
 - ``report.json``: per setting its classes (which classes of which dataset θ0 was pretrained on, each learned row
   was meta-trained on, and the evaluation tasks use, and how they relate), rows per (optimizer, K) with mean,
   population std and standard error over the tasks, per-task numbers, best Adam per K, per-task wins; the speedups,
-  Fig. 4's μ/λ trace and meta (config, artifact sha256s, the best-Adam rule naming the variants run, seconds,
-  versions).
+  Fig. 4's μ/λ trace and meta (config, artifact sha256s, the best-Adam rule naming the variants run, which
+  artifact's options ψ₀ was made with, seconds, versions).
 - ``report.csv``: long format, one row per (setting, optimizer, K) (:data:`CSV_FIELDS`): the numbers (accuracy as a
   fraction in [0, 1]; an empty cell is a non-finite number) and the row's classes.
 - ``report.md``: per setting its class statement, then tables shaped like the paper's (rows = optimizers, columns =
@@ -19,7 +19,7 @@ Modules: :mod:`~l3rs.report.build` (the dict), :mod:`~l3rs.report.render` (CSV a
 :mod:`~l3rs.report.figures` (figures), :mod:`~l3rs.report.write` (the folder).
 """
 
-from l3rs.report.build import FILES, FORMAT, best_adam_rule, build_report
+from l3rs.report.build import FILES, FORMAT, best_adam_rule, build_report, psi0_statement
 from l3rs.report.figures import (
     baselines_figure,
     figure_text,
@@ -38,6 +38,7 @@ __all__ = [
     "CSV_FIELDS",
     "build_report",
     "best_adam_rule",
+    "psi0_statement",
     "write_report",
     "render_markdown",
     "csv_text",

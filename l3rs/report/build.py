@@ -18,7 +18,7 @@ from l3rs.meta.eval_optimizers import format_lr
 from l3rs.meta.stats import BEST_ADAM, speedup_table, summarize_setting
 from l3rs.names import display_uri, scrub_paths
 
-__all__ = ["FORMAT", "FILES", "build_report", "best_adam_rule", "curves", "read_history"]
+__all__ = ["FORMAT", "FILES", "build_report", "best_adam_rule", "curves", "psi0_statement", "read_history"]
 
 FORMAT = "l3rs-evaluation/1"
 FILES = {
@@ -138,6 +138,22 @@ def best_adam_rule(optimizers: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def psi0_statement(optimizers: Sequence[dict[str, Any]], artifact_labels: Sequence[str], seed: int) -> str | None:
+    """What the ψ₀ row is: meta-training's untrained start, made with the first artifact's options (its family,
+    architecture and stability options; the config's ``[optimizer]`` without artifacts), as
+    :func:`l3rs.meta.eval_optimizers.build_optimizers` makes it. None without a ψ₀ row."""
+    names = [o["name"] for o in optimizers if o.get("group") == "psi0"]
+    if not names:
+        return None
+    if artifact_labels:
+        source = f"the options of the first artifact, {artifact_labels[0]}"
+        if len(artifact_labels) > 1:
+            source += " (the other artifacts' own starts were not run)"
+    else:
+        source = "the config's [optimizer] options"
+    return f"{names[0]} = the untrained start of meta-training (run.seed {seed}), with {source}."
+
+
 def curves(summary: dict[str, Any], field: str) -> dict[str, list[float]]:
     """Per optimizer, ``field`` of its rows (e.g. "mean_acc") in k_grid order; NaN where missing or null."""
     ks = summary["k_grid"]
@@ -233,6 +249,7 @@ def build_report(
             "k_grid": [int(k) for k in cfg.evaluate.k_grid],
             "meta_train_k_range": k_range,
             "best_adam": best_adam_rule(optimizer_rows),
+            "psi0": psi0_statement(optimizer_rows, [a.label for a in artifacts], cfg.run.seed),
             "std": "population standard deviation (ddof = 0) over the tasks",
             "se": "standard error of the mean over the tasks: sample standard deviation (ddof = 1) / √n",
             "tasks": (

@@ -235,6 +235,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         meta["best_adam"],
         "",
+        *([meta["psi0"], ""] if meta.get("psi0") else []),
         "Artifacts (named relative to the run storage):",
         "",
     ]  # fmt: skip
