@@ -16,7 +16,7 @@
 # (jobs/stability/exp_z_truncation.sh: ψ₀ and Adam 3e-2 on the same tasks), so only the new rows run.
 # docs/anchor/ holds what these wrote (runs/eval32-early -> docs/anchor/early, runs/eval32-anchor -> docs/anchor,
 # runs/eval32-anchor-seed1 -> docs/anchor/seed1, runs/eval32-anchor05 -> docs/anchor/w05, runs/eval32-cap3b ->
-# docs/anchor/cap3).
+# docs/anchor/cap3, runs/eval32-trunc -> docs/anchor/trunc).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../generalization/_protocol.sh"  # L3RS PY S G CFG CK P G1 PROTOCOL
 A=runs/anchor
@@ -75,3 +75,10 @@ mkdir -p runs/eval32-cap3
 mkdir -p runs/eval32-cap3b
 cp -rn runs/eval32-cap3/tasks runs/eval32-cap3b/
 evaluate runs/eval32-cap3b G1-anchor1 G1-anchor1-cap3
+# Truncated meta-training horizons (task.truncation_prob = 0.5, docs/stability_ablation/options32's G4) with the pull
+# w = 1, NES seed 0: G4 had been tried only without it. w = 1 first in the evaluation (ψ₀ then is the default's).
+"${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor1-trunc --set task.truncation_prob=0.5
+PSI["G1-anchor1-trunc"]=$S/G1-anchor1-trunc/psi
+mkdir -p runs/eval32-trunc
+cp -rn runs/eval32-cap3b/tasks runs/eval32-trunc/
+evaluate runs/eval32-trunc G1-anchor1 G1-anchor1-trunc
