@@ -240,8 +240,8 @@ def test_best_adam_rule_names_only_the_variants_run(honest):
 
 
 def test_the_psi0_row_says_whose_options_it_was_made_with(honest, tmp_path):
-    """report.md says what ψ₀ is and whose options it has; with two artifacts of other options, build_optimizers
-    indeed makes ψ₀ with the first one's (here the bound on λ, which changes ψ₀'s numbers in their last bits)."""
+    """report.md says what ψ₀ is and whose options it has; with two artifacts of other options (here, other bounds on
+    λ), build_optimizers indeed makes ψ₀ with the first one's, and the statement names that one."""
     from l3rs.artifact import save_artifact
     from l3rs.optim import L3RSConfig
     from l3rs.report import psi0_statement
