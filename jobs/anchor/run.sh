@@ -73,12 +73,12 @@ mkdir -p runs/eval32-cap3
 "${L3RS[@]}" evaluate --config $CFG "${CK[@]}" "${GRID[@]}" --tasks 32 --settings ABCDE --psi "${PSI[G1-anchor1-cap3]}" \
   --psi "${PSI[G1-anchor1]}" --out runs/eval32-cap3
 mkdir -p runs/eval32-cap3b
-cp -rn runs/eval32-cap3/tasks runs/eval32-cap3b/
+[[ ! -d runs/eval32-cap3/tasks ]] || cp -rn runs/eval32-cap3/tasks runs/eval32-cap3b/
 evaluate runs/eval32-cap3b G1-anchor1 G1-anchor1-cap3
 # Truncated meta-training horizons (task.truncation_prob = 0.5, docs/stability_ablation/options32's G4) with the pull
 # w = 1, NES seed 0: G4 had been tried only without it. w = 1 first in the evaluation (ψ₀ then is the default's).
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor1-trunc --set task.truncation_prob=0.5
 PSI["G1-anchor1-trunc"]=$S/G1-anchor1-trunc/psi
 mkdir -p runs/eval32-trunc
-cp -rn runs/eval32-cap3b/tasks runs/eval32-trunc/
+[[ ! -d runs/eval32-cap3b/tasks ]] || cp -rn runs/eval32-cap3b/tasks runs/eval32-trunc/
 evaluate runs/eval32-trunc G1-anchor1 G1-anchor1-trunc
