@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 11, part 3: the two stability options the first ablation (ablation.sh) left out, each meta-trained on top of
 # the default of the time, G1 (λ ≤ 10 Adam-equivalent steps, §4.1's absolute features, no pull toward ψ₀) with the
-# demo's budget, and measured on issue 11's 32-task protocol (evaluation seed 7, settings A-E, K up to 500) against the committed measurement's full
-# Adam grid (docs/generalization/report.json):
+# demo's budget, and measured on issue 11's 32-task protocol (evaluation seed 7, settings A-E, K up to 500) against
+# the committed measurement's full Adam grid (docs/generalization/report.json):
 #
 #   G3  λ = exp(z), the paper's literal step size (`optimizer.lambda_skip = false`; the default adds log‖d_adam‖ so
 #       that ψ₀ = Adam(init_lr) exactly)
