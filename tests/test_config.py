@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -89,8 +91,6 @@ def test_resume_with_changed_math_is_refused(tmp_path):
     base = Config().replace(run={"storage": str(tmp_path)}, model={"checkpoint": "random"})
     run_dir = tmp_path / base.run.name
     run_dir.mkdir()
-    import json
-
     (run_dir / "config.json").write_text(json.dumps(base.to_dict()))
     changed = base.replace(nes={"sigma": 0.05})
     with pytest.raises(ConfigError, match=r"^nes\.sigma: run .* already exists"):
@@ -111,3 +111,34 @@ def test_cli_refuses_a_bad_field_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "nes.population_size" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nes_pulls_toward_psi0_by_default_and_published_configs_say_what_they_were_measured_with(tmp_path):
+    """The pull toward ψ₀ (docs/anchor) is every run config's default, the glyphs benchmark's included; every other
+    shipped config with an ``[nes]`` section states its ``weight_decay``, so the default's change left the numbers
+    published for it alone. A run saved under the old default refuses to resume under the new one, naming the
+    field."""
+    from l3rs.service.preflight import PreflightError, check_resume
+
+    default = Config()
+    assert (default.nes.weight_decay, default.nes.weight_decay_toward) == (1.0, "psi0")
+    repo = Path(__file__).resolve().parent.parent
+    glyphs = load_config(repo / "jobs" / "configs" / "glyphs_default.toml").nes
+    assert (glyphs.weight_decay, glyphs.weight_decay_toward) == (default.nes.weight_decay, "psi0")
+    unstated = []
+    for path in sorted((repo / "jobs" / "configs").rglob("*.toml")):
+        text = path.read_text()
+        nes = text.split("\n[nes]\n", 1)[1].split("\n[", 1)[0] if "\n[nes]\n" in text else None
+        if nes is not None and path.name != "glyphs_default.toml" and "\nweight_decay = " not in f"\n{nes}":
+            unstated.append(path.name)
+    assert unstated == []
+    assert load_config(repo / "jobs" / "configs" / "fmnist_default.toml").nes.weight_decay == 0.0
+
+    base = Config().replace(run={"storage": str(tmp_path), "name": "old"}, model={"checkpoint": "random"})
+    old = base.replace(nes={"weight_decay": 0.0, "weight_decay_toward": "zero"})
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(old.to_dict()))
+    with pytest.raises(PreflightError, match=r"^nes\.weight_decay: .*nes\.weight_decay was 0\.0, now 1\.0"):
+        check_resume(base, str(run_dir))
+    check_resume(old, str(run_dir))
