@@ -132,7 +132,8 @@ def test_undisturbed_run_writes_history_plots_checkpoints_and_artifact(reference
 
 def test_psi_at_an_earlier_generation_is_read_from_the_runs_checkpoints(reference, tmp_path):
     """jobs/budget/psi_at_generation.py: the newest checkpoint gives the run's own artifact bit for bit; an earlier
-    one gives that generation's NES mean, labelled with it, and a folder that holds an artifact is refused."""
+    one gives that generation's NES mean, labelled with it; a folder that holds an artifact and a checkpoint of
+    another run are refused."""
     import importlib.util
 
     from l3rs.artifact import verify_artifact
@@ -152,6 +153,15 @@ def test_psi_at_an_earlier_generation_is_read_from_the_runs_checkpoints(referenc
     assert meta["derived_from"]["checkpoint"] == os.path.join("checkpoints", f"gen_{GENERATIONS - 1:06d}.ckpt")
     with pytest.raises(ValueError, match="an artifact is already there"):
         job.psi_at_generation(earlier, reference.psi_uri, str(tmp_path / "same"))
+    from l3rs.checkpoint import load_checkpoint, save_checkpoint
+
+    generation, payload = load_checkpoint(earlier)
+    assert payload["run_name"] == "reference"
+    other = str(tmp_path / "other-run")
+    save_checkpoint(other, generation, {**payload, "run_name": "other-run"})
+    with pytest.raises(ValueError, match="a checkpoint of run 'other-run', the artifact is of run 'reference'"):
+        job.psi_at_generation(os.path.join(other, "checkpoints", os.path.basename(earlier)), reference.psi_uri,
+                              str(tmp_path / "mixed"))  # fmt: skip
 
 
 def test_worker_killed_mid_generation_gives_identical_psi(cluster, reference, tmp_path):

@@ -6,9 +6,9 @@ gives ψ at several budgets along one trajectory (``l3rs evaluate --psi`` then c
 
 A run keeps its newest ``run.keep_checkpoints`` checkpoints (3 by default): set it to 0 to keep every one, or extend a
 run in stages (``nes.generations`` may grow on resume). Checked: the checkpoint holds a ψ of the artifact's size, at or
-before the artifact's generation; DST must not hold an artifact already. That the two are of the same run is not
-checked (a checkpoint stores no run name): the new artifact's ``derived_from`` records both, named relative to the
-checkpoint's run folder.
+before the artifact's generation, of the artifact's run (its ``run_name``; checkpoints written before they recorded
+one are not checked for it); DST must not hold an artifact already. The new artifact's ``derived_from`` records both,
+named relative to the checkpoint's run folder.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def psi_at_generation(ckpt: str, src: str, dst: str) -> dict:
     if generation > int(meta.get("generations", generation)):
         raise ValueError(f"{ckpt}: generation {generation} is past the artifact's {meta.get('generations')}")
     run = meta.get("run_name", "run")
+    if payload.get("run_name") not in (None, meta.get("run_name")):
+        raise ValueError(f"{ckpt}: a checkpoint of run {payload['run_name']!r}, the artifact is of run {run!r}")
     # <run>/checkpoints/gen_*.ckpt, local or a bucket URI
     run_dir = ckpt.rsplit("/", 2)[0] if "://" in ckpt else os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     last = [h for h in history if h["generation"] < generation][-1:] or [{}]

@@ -165,7 +165,9 @@ class Driver:
         save_checkpoint(
             self.run_dir,
             state.generation,
-            {"nes": nes.state_to_dict(state), "history": json.dumps(history)},
+            # the run's name: a ψ read from this checkpoint later (jobs/budget/psi_at_generation.py) can be checked
+            # against the artifact of the same run
+            {"nes": nes.state_to_dict(state), "history": json.dumps(history), "run_name": self.cfg.run.name},
             keep_last=self.cfg.run.keep_checkpoints or None,  # 0: every one
         )
 
