@@ -239,3 +239,45 @@ def test_a_row_run_in_some_settings_only_is_not_measured_elsewhere(targets):
         assert rows[f"{name}: every target"]["status"] == "not measured"
         assert f"no FC-LOpt row in setting {name}" in rows[f"{name}: every target"]["value"]
     assert rows["B: no non-finite loss"]["status"] == "met" and rows["D: no non-finite loss"]["status"] == "met"
+
+
+def _paired_module():
+    spec = importlib.util.spec_from_file_location("paired", REPO / "jobs" / "anchor" / "paired.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_paired_script_reproduces_docs_anchors_meta_batch_tables_and_checks_its_counts(capsys):
+    """jobs/anchor/paired.py on the committed reports prints, line for line, the two tables docs/anchor publishes for
+    meta-batch 4 (two ψs of one evaluation; one ψ's runs on two kinds of machine); its counts agree with a direct
+    count; it refuses a missing row, reports of other tasks and a mixed-up command line with exit code 2."""
+    paired = _paired_module()
+    anchor = REPO / "docs" / "anchor"
+    published = [line for line in (anchor / "README.md").read_text().splitlines() if line.startswith("| ")]
+    mb4 = str(anchor / "mb4" / "report.json")
+    assert paired.main([mb4, "--reference", "L3RS", "--candidate", "L3RS (G1-anchor1-mb4 @ 50)"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 6 and all(line in published for line in table)
+    rows = ["L3RS=L3RS (G1-anchor1)", "L3RS ψ₀", "Adam (const), 3e-2", "Adam (cosine), 3e-2"]
+    args = [mb4, "--rerun-of", str(anchor / "report.json")] + [a for r in rows for a in ("--row", r)]
+    assert paired.main(args) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 5 and all(line in published for line in table)
+
+    here, there = (json.loads(Path(p).read_text())["settings"]["B"]["per_task"]["accuracy"] for p in
+                   (mb4, anchor / "report.json"))  # fmt: skip
+    gap = np.abs(np.round(100 * np.array(here["L3RS"])) - np.round(100 * np.array(there["L3RS (G1-anchor1)"])))
+    assert table[1].split(" | ")[2] == f"{int((gap > 2).sum())} ({int(gap.max())})"
+    psi0 = 100 * np.array(here["L3RS ψ₀"])
+    below = [int((100 * np.array(here[n]) < psi0 - 2).sum()) for n in ("L3RS", "L3RS (G1-anchor1-mb4 @ 50)")]
+    assert [line for line in published if line.startswith("| B | 71.6")][0].endswith(f"| {below[0]} / {below[1]} |")
+
+    assert paired.main([mb4, "--reference", "L3RS", "--candidate", "nope"]) == 2
+    assert "--candidate: no row named 'nope'" in capsys.readouterr().err
+    other_tasks = str(REPO / "docs" / "demo" / "report.json")  # 16 tasks, another grid
+    assert paired.main([mb4, "--rerun-of", other_tasks, "--row", "L3RS ψ₀"]) == 2
+    assert "do not hold the same tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        paired.main([mb4, "--reference", "L3RS", "--rerun-of", mb4, "--row", "L3RS"])
+    assert exit_.value.code == 2
