@@ -43,6 +43,8 @@ def paired(report: dict[str, Any], reference: str, candidate: str, psi0: str) ->
     ]
     for code, setting in report["settings"].items():
         ref, cand, base = (targets._acc(setting, n) for n in (reference, candidate, psi0))
+        if ref is None or cand is None or base is None:
+            continue  # a setting some of the rows were not run in
         diff = np.round(cand) - np.round(ref)  # whole eval images (accuracies are multiples of 100/eval batch)
         cells = [
             f"{r:.1f} / {c:.1f} ({int((d > 0).sum())}-{int((d == 0).sum())}-{int((d < 0).sum())})"
@@ -65,8 +67,11 @@ def rerun(report: dict[str, Any], other: dict[str, Any], rows: list[tuple[str, s
     for here, there in rows:
         cells, apart, total = [], 0, 0
         for code in codes:
-            gap = np.abs(np.round(targets._acc(report["settings"][code], here))
-                         - np.round(targets._acc(other["settings"][code], there)))  # fmt: skip
+            a, b = targets._acc(report["settings"][code], here), targets._acc(other["settings"][code], there)
+            if a is None or b is None:
+                cells.append("—")  # not run in this setting
+                continue
+            gap = np.abs(np.round(a) - np.round(b))
             cells.append(f"{int((gap > 2.0).sum())} ({int(gap.max())})")
             apart, total = apart + int((gap > 2.0).sum()), total + gap.size
         out.append(f"| {here} | " + " | ".join(cells) + f" | {apart} of {total} |")
@@ -82,8 +87,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rerun-of", metavar="OTHER.json", help="compare rows with their run in this evaluation")
     ap.add_argument("--row", action="append", default=[], metavar="HERE=THERE", help="with --rerun-of")
     args = ap.parse_args(argv)
-    pair, again = args.reference is not None and args.candidate is not None, args.rerun_of is not None and args.row
-    if pair == bool(again) or (not pair and (args.reference or args.candidate)) or (args.row and not args.rerun_of):
+    pair, again = (args.reference, args.candidate), (args.rerun_of, args.row)
+    if any(pair) == any(again) or not all(pair if any(pair) else again):  # exactly one mode, and all of it
         ap.error("give --reference and --candidate, or --rerun-of with --row")  # exit code 2
     try:
         report = targets._load(args.report)
