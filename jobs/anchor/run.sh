@@ -84,9 +84,9 @@ evaluate runs/eval32-trunc G1-anchor1 G1-anchor1-trunc
 # that keeps more of its in-domain steps and misses fewer tasks out of domain? Its ψ is written from the run's last
 # checkpoint by psi_at_generation.py, which labels it "L3RS (G1-anchor1-mb4 @ 50)"; beside it, the default's ψ is
 # the row "L3RS" (labels are told apart only where they collide). It was measured on a machine of another kind than
-# the rows above (its ψ₀ and Adam rows differ from docs/generalization's in the last bits, so targets.py --rows-from
-# refuses them): jobs/anchor/paired.py compares the two ψs on this one evaluation, and the default's ψ with its run in
-# docs/anchor/report.json (the same ψ and tasks; only XLA:CPU's rounding differs).
+# the rows above, from θ0s pretrained there (its ψ₀ and Adam rows differ from docs/generalization's, so targets.py
+# --rows-from refuses them): jobs/anchor/paired.py compares the two ψs on this one evaluation, and the default's ψ
+# with its run in docs/anchor/report.json (the same ψ, code, configs and task seeds; other rounding and θ0s).
 "${L3RS[@]}" train --config $CFG "${CK[@]}" --run-name G1-anchor1-mb4 --set nes.meta_batch_size=4 --set nes.generations=50
 [[ -e $A/psi-G1-anchor1-mb4/metadata.json ]] || "${PY[@]}" jobs/budget/psi_at_generation.py \
   $S/G1-anchor1-mb4/checkpoints/gen_000050.ckpt $S/G1-anchor1-mb4/psi $A/psi-G1-anchor1-mb4
