@@ -15,12 +15,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def targets():
-    spec = importlib.util.spec_from_file_location("targets", REPO / "jobs" / "generalization" / "targets.py")
+def _script(path: str):
+    """A job script of the repository (``jobs/...``), loaded as a module."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return _script("jobs/generalization/targets.py")
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +216,7 @@ def test_the_table_script_reproduces_the_published_tables(folder, rows, met):
     """jobs/generalization/table.py on the committed reports gives, line for line, the table that the folder's
     README.md publishes (means ± SE, per-task counts, non-finite runs, targets met), read against the full Adam grid
     of docs/generalization."""
-    spec = importlib.util.spec_from_file_location("table", REPO / "jobs" / "generalization" / "table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _script("jobs/generalization/table.py")
     gen, here = REPO / "docs" / "generalization", REPO / "docs" / folder
     report = table.targets.read_reports([str(gen / "report.json"), str(gen / "bd" / "report.json")],
                                         [str(here / f) for f in _ROWS_FROM.get(folder, ["report.json"])])  # fmt: skip
@@ -241,18 +244,11 @@ def test_a_row_run_in_some_settings_only_is_not_measured_elsewhere(targets):
     assert rows["B: no non-finite loss"]["status"] == "met" and rows["D: no non-finite loss"]["status"] == "met"
 
 
-def _paired_module():
-    spec = importlib.util.spec_from_file_location("paired", REPO / "jobs" / "anchor" / "paired.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_paired_script_reproduces_docs_anchors_meta_batch_tables_and_checks_its_counts(capsys):
     """jobs/anchor/paired.py on the committed reports prints, line for line, the two tables docs/anchor publishes for
     meta-batch 4 (two ψs of one evaluation; one ψ's runs on two kinds of machine); its counts agree with a direct
     count; it refuses a missing row, reports of other tasks and a mixed-up command line with exit code 2."""
-    paired = _paired_module()
+    paired = _script("jobs/anchor/paired.py")
     anchor = REPO / "docs" / "anchor"
     published = [line for line in (anchor / "README.md").read_text().splitlines() if line.startswith("| ")]
     mb4 = str(anchor / "mb4" / "report.json")

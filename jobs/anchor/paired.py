@@ -57,11 +57,14 @@ def paired(report: dict[str, Any], reference: str, candidate: str, psi0: str) ->
 
 def rerun(report: dict[str, Any], other: dict[str, Any], rows: list[tuple[str, str]]) -> str:
     """The markdown table: one line per row pair, per setting "cells more than 2 points apart (largest gap)"."""
+    try:
+        targets._require_same_meta(report, other, ("k_grid", "tasks_per_setting"))
+    except ValueError as e:
+        raise ValueError(f"the two reports do not hold the same tasks: {e}") from None
     codes = list(report["settings"])
     for code in codes:
-        both = [s for s in (report["settings"][code], other["settings"].get(code, {})) if "per_task" in s]
-        same = len(both) == 2 and all(both[0][k] == both[1][k] for k in ("k_grid", "n_tasks"))
-        if not same or both[0]["per_task"]["task_seed"] != both[1]["per_task"]["task_seed"]:
+        theirs = other["settings"].get(code, {}).get("per_task", {}).get("task_seed")
+        if theirs != report["settings"][code]["per_task"]["task_seed"]:
             raise ValueError(f"setting {code}: the two reports do not hold the same tasks")
     out = ["| row | " + " | ".join(codes) + " | all |", "|" + "---|" * (len(codes) + 2)]
     for here, there in rows:
