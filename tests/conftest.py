@@ -23,7 +23,8 @@ Fixtures:
     A started cluster: a head node with ``HEAD_CPUS`` (2) logical CPUs, no GPUs, ~150 MB object store, no dashboard,
     all on 127.0.0.1. The driver of the test process is *not* connected by this fixture (use ``ray_connected``).
     ``.address`` (``"127.0.0.1:PORT"``), ``.add_node(num_cpus=1, num_gpus=0, **kw) -> node`` (waits until the node
-    is registered; logical GPUs work on CPU machines), ``.remove_node(node)``, ``.remove_added_nodes()``, ``.nodes``
+    is registered; logical GPUs work on CPU machines), ``.remove_node(node)`` (returns once the GCS lists the node as
+    dead), ``.remove_added_nodes()``, ``.nodes``
     (nodes added by tests), ``.head``, ``.cluster`` (the underlying ``ray.cluster_utils.Cluster``),
     ``.loopback_env()`` (environment for subprocesses, e.g. ``l3rs train --address <address>``).
 
@@ -46,6 +47,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,12 +114,32 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def remove_node(self, node: Any, allow_graceful: bool = True) -> None:
-        """Kills a node's processes (its actors die with ``ActorDiedError``). Not the head."""
+    def remove_node(self, node: Any, allow_graceful: bool = True, timeout_s: float = 120) -> None:
+        """Kills a node's processes (its actors die with ``ActorDiedError``) and waits until the GCS lists it as dead.
+
+        Not the head. After a crash (``allow_graceful=False``) the GCS finds the node dead only when it has missed
+        enough health checks (about 15 s with Ray's defaults). Until then it still offers the node's resources, and a
+        later test's actor can be placed there and die before it starts, which that test would see as a fault of
+        its own. Waiting here keeps one test's removed node out of the next test.
+        """
+        from ray._raylet import GcsClient
+
         if node is self.head:
             raise ValueError("the head node belongs to the session; remove nodes you added")
         self.cluster.remove_node(node, allow_graceful=allow_graceful)
         self.nodes.remove(node)
+        gcs, deadline = GcsClient(address=self.address), time.monotonic() + timeout_s
+        while self._alive_in_gcs(gcs, node.node_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node.node_id} was killed; the GCS still lists it alive after {timeout_s} s")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _alive_in_gcs(gcs: Any, node_id: str) -> bool:
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        info = gcs.get_all_node_info(timeout=30)
+        return any(key.hex() == node_id and entry.state == GcsNodeInfo.ALIVE for key, entry in info.items())
 
     def remove_added_nodes(self) -> None:
         for node in list(self.nodes):

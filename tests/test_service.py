@@ -211,7 +211,9 @@ def test_node_added_mid_run_grows_the_pool_and_gives_identical_psi(cluster, refe
         result = run.join()
         live = [r["live_workers"] for r in history(result)]
         assert live[0] == 2 and live[-1] == 3, live
-        assert run.pool.stats()["workers_started"] == 3
+        stats = run.pool.stats()
+        # 3 workers, no more: one started for each worker lost (none, unless this machine's Ray lost one).
+        assert stats["workers_started"] - stats["failures"] == 3, stats
         assert result.psi_sha256 == reference.psi_sha256
     finally:
         local.remove_node(node)
