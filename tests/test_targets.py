@@ -277,3 +277,23 @@ def test_the_paired_script_reproduces_docs_anchors_meta_batch_tables_and_checks_
     with pytest.raises(SystemExit) as exit_:
         paired.main([mb4, "--reference", "L3RS", "--rerun-of", mb4, "--row", "L3RS"])
     assert exit_.value.code == 2
+
+
+def test_readmes_status_counts_of_the_published_target_checks():
+    """README "Status" says why issue 11 is marked blocked, counted over every published target check: 17 ψs, at most
+    16 of 22 met (by two), no ψ without tasks below best Adam − 2 in B–E, none ahead of FC-LOpt in D, one in B."""
+    files = sorted(REPO.glob("docs/**/targets*.md"))
+    checks = [part for f in files for part in f.read_text().split("| target | status | measured |")[1:]]
+
+    def status(check: str, target: str) -> str:
+        return next(line.split("|")[2].strip() for line in check.splitlines() if line.startswith(f"| {target} |"))
+
+    assert len(checks) == 17
+    met = sorted(int(c.split(" of 22 met")[0].rsplit("\n", 1)[-1]) for c in checks)  # each table ends "N of 22 met"
+    assert met[-2:] == [16, 16] and met[-3] == 15
+    for setting in "BCDE":
+        assert {status(c, f"{setting}: no task below best Adam − 2 points, any K") for c in checks} == {"missed"}
+    assert {status(c, "D: above FC-LOpt at every K") for c in checks} == {"missed"}
+    assert [status(c, "B: above FC-LOpt at every K") for c in checks].count("met") == 1
+    readme = (REPO / "README.md").read_text()
+    assert "16 of its 22 targets is the most any measured ψ meets" in readme and "over the 17 ψs measured" in readme
